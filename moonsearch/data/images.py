@@ -1,0 +1,110 @@
+"""Loading product images from paths, file:// or http(s) URLs, or embedded bytes.
+
+Every failure is an ``ImageError`` whose message says what went wrong (missing file, unreachable URL,
+corrupt, truncated, decompression bomb, ...), so callers can report and skip it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Union
+
+from PIL import Image
+
+ImageRef = Union[str, bytes]
+MAX_PIXELS = 64_000_000  # anything larger is treated as a decompression bomb
+MAX_DOWNLOAD_BYTES = 32 * 1024 * 1024
+
+
+class ImageError(Exception):
+    """An image could not be used; the message is the reason shown to the user."""
+
+
+def describe(ref: ImageRef) -> str:
+    return f"<{len(ref)} embedded bytes>" if isinstance(ref, (bytes, bytearray)) else str(ref)
+
+
+def resolve_path(ref: str, base_dir: Path | None) -> Path | None:
+    """The local path a reference points to, or None for http(s) URLs."""
+    if ref.startswith(("http://", "https://")):
+        return None
+    if ref.startswith("file://"):
+        return Path(urllib.request.url2pathname(urllib.parse.urlparse(ref).path))
+    p = Path(ref)
+    return p if p.is_absolute() or base_dir is None else base_dir / p
+
+
+def read_bytes(ref: ImageRef, base_dir: Path | None = None, timeout: float = 10.0) -> bytes:
+    if isinstance(ref, (bytes, bytearray)):
+        return bytes(ref)
+    path = resolve_path(ref, base_dir)
+    if path is None:
+        try:
+            req = urllib.request.Request(ref, headers={"User-Agent": "moonsearch"})
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                data = resp.read(MAX_DOWNLOAD_BYTES + 1)
+        except urllib.error.HTTPError as e:
+            raise ImageError(f"unreachable URL {ref}: HTTP {e.code}") from None
+        except (urllib.error.URLError, TimeoutError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise ImageError(f"unreachable URL {ref}: {reason}") from None
+        if len(data) > MAX_DOWNLOAD_BYTES:
+            raise ImageError(f"URL {ref} is larger than {MAX_DOWNLOAD_BYTES} bytes")
+        return data
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ImageError(f"missing image file {path}") from None
+    except OSError as e:
+        raise ImageError(f"unreadable image file {path}: {e.strerror or e}") from None
+
+
+def decode(data: bytes, what: str = "image") -> Image.Image:
+    """Fully decode ``data`` to an RGB image, rejecting corrupt, truncated and bomb images."""
+    if not data:
+        raise ImageError(f"{what}: empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise ImageError(f"{what}: decompression bomb ({w}x{h} pixels > {MAX_PIXELS})")
+            img.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{what}: decompression bomb ({e})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{what}: corrupt or not an image") from None
+    except OSError as e:
+        msg = str(e)
+        kind = "truncated" if "truncated" in msg else "corrupt"
+        raise ImageError(f"{what}: {kind} image ({msg})") from None
+    except Exception as e:  # Pillow raises assorted errors on hostile files
+        raise ImageError(f"{what}: corrupt image ({type(e).__name__}: {e})") from None
+    return img.convert("RGB")
+
+
+def load_image(ref: ImageRef, base_dir: Path | None = None, timeout: float = 10.0) -> Image.Image:
+    return decode(read_bytes(ref, base_dir, timeout), describe(ref))
+
+
+def fingerprint(ref: ImageRef, base_dir: Path | None = None) -> str:
+    """A cheap identity for caching: path + size + mtime for files, the URL, or a hash of bytes."""
+    if isinstance(ref, (bytes, bytearray)):
+        return "sha1:" + hashlib.sha1(ref).hexdigest()
+    path = resolve_path(ref, base_dir)
+    if path is None:
+        return ref
+    try:
+        st = os.stat(path)
+        return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        return f"{path}:missing"

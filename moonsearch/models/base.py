@@ -1,0 +1,178 @@
+"""The Encoder protocol every model implements, and the registry that creates encoders by name.
+
+Contract: ``encode_queries`` and ``encode_products`` return L2-normalised float32 arrays of shape
+``(n, encoder.dim)``, one row per input, in input order. A query is text, an image, or both; a product
+is up to N images plus title, category path and attributes. ``fingerprint`` identifies the weights,
+so an index built with one encoder refuses queries from another.
+"""
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass
+class Query:
+    text: str | None = None
+    image: Image.Image | None = None
+
+    def __post_init__(self):
+        if not self.text and self.image is None:
+            raise ValueError("a query needs text, an image, or both")
+
+    @property
+    def modality(self) -> str:
+        if self.text and self.image is not None:
+            return "text+image"
+        return "text" if self.text else "image"
+
+
+@dataclass
+class Product:
+    title: str = ""
+    category: list[str] = field(default_factory=list)
+    attributes: dict[str, str] = field(default_factory=dict)
+    images: list[Image.Image] = field(default_factory=list)
+    item_id: str | None = None
+
+
+def product_text(p: Product, with_category: bool = True, with_attributes: bool = True) -> str:
+    """The text side of a product: ``title. category: a > b > c. key: value, key: value``."""
+    parts = [p.title.strip()] if p.title else []
+    if with_category and p.category:
+        parts.append("category: " + " > ".join(p.category))
+    if with_attributes and p.attributes:
+        parts.append(", ".join(f"{k}: {v}" for k, v in p.attributes.items()))
+    return ". ".join(parts)
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class Encoder(ABC):
+    """Base of every encoder; subclasses set ``name``, ``dim`` and ``fingerprint``."""
+
+    name: str
+    dim: int
+    fingerprint: str
+
+    @abstractmethod
+    def encode_queries(self, queries: Sequence[Query], batch_size: int = 32) -> np.ndarray:
+        """(n_queries, dim) float32, L2-normalised."""
+
+    @abstractmethod
+    def encode_products(self, products: Sequence[Product], batch_size: int = 32) -> np.ndarray:
+        """(n_products, dim) float32, L2-normalised."""
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Plain texts (category or attribute names) embedded as text queries."""
+        return self.encode_queries([Query(text=t) for t in texts], batch_size)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "dim": self.dim, "fingerprint": self.fingerprint}
+
+
+@dataclass
+class Fusion:
+    """How a CLIP-style dual encoder fuses a product's images and text into one vector.
+
+    product = normalise(image_weight * normalise(mean_i image_emb_i) + text_weight * text_emb);
+    a product with no image is its text alone, one with no text its images alone. Queries with
+    both text and image are fused the same way.
+    """
+
+    image_weight: float = 1.0
+    text_weight: float = 1.0
+    with_category: bool = True
+    with_attributes: bool = True
+
+
+class DualEncoder(Encoder):
+    """An encoder made of an image tower and a text tower in one space, fused by ``Fusion``."""
+
+    fusion: Fusion
+
+    @abstractmethod
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+        """(n, dim) float32, L2-normalised."""
+
+    @abstractmethod
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """(n, dim) float32, L2-normalised."""
+
+    def _fuse(self, img: np.ndarray | None, txt: np.ndarray | None) -> np.ndarray:
+        if img is None:
+            return txt
+        if txt is None:
+            return img
+        return l2_normalize(self.fusion.image_weight * img + self.fusion.text_weight * txt)
+
+    def _encode(self, texts: list[str | None], image_groups: list[list[Image.Image]], batch_size: int) -> np.ndarray:
+        n = len(texts)
+        out = np.zeros((n, self.dim), np.float32)
+        t_idx = [i for i, t in enumerate(texts) if t]
+        t_emb = self.embed_texts([texts[i] for i in t_idx], batch_size) if t_idx else None
+        flat = [im for g in image_groups for im in g]
+        i_emb = self.embed_images(flat, batch_size) if flat else None
+        t_pos = {i: r for r, i in enumerate(t_idx)}
+        start = 0
+        for i in range(n):
+            g = len(image_groups[i])
+            img = l2_normalize(i_emb[start:start + g].mean(0)) if g else None
+            start += g
+            txt = t_emb[t_pos[i]] if i in t_pos else None
+            if img is None and txt is None:
+                raise ValueError(f"input {i} has neither text nor image")
+            out[i] = self._fuse(img, txt)
+        return out
+
+    def encode_queries(self, queries: Sequence[Query], batch_size: int = 32) -> np.ndarray:
+        return self._encode([q.text for q in queries], [[q.image] if q.image is not None else [] for q in queries],
+                            batch_size)
+
+    def encode_products(self, products: Sequence[Product], batch_size: int = 32) -> np.ndarray:
+        f = self.fusion
+        texts = [product_text(p, f.with_category, f.with_attributes) or None for p in products]
+        return self._encode(texts, [list(p.images) for p in products], batch_size)
+
+
+# --- registry --------------------------------------------------------------------------------------
+_FACTORIES: list[tuple[re.Pattern, Callable[..., Encoder], str]] = []
+
+
+def register(pattern: str, help: str = ""):
+    """Register a factory for names matching ``pattern`` (a regex matched against the whole name).
+    The factory gets the regex match's groups as arguments, plus ``device``."""
+
+    def deco(fn):
+        _FACTORIES.append((re.compile(pattern), fn, help))
+        return fn
+
+    return deco
+
+
+def available() -> list[tuple[str, str]]:
+    _load_builtin()
+    return [(p.pattern, h) for p, _, h in _FACTORIES]
+
+
+def _load_builtin() -> None:
+    import moonsearch.models.clip  # noqa: F401  (registers clip-mini, clip-tiny, clip:...)
+
+
+def create_encoder(name: str, device: str | None = None) -> Encoder:
+    """Build an encoder by registry name, e.g. ``clip-mini``, ``clip:ViT-B-32/laion2b_s34b_b79k``."""
+    _load_builtin()
+    for pattern, factory, _ in _FACTORIES:
+        m = pattern.fullmatch(name)
+        if m:
+            return factory(*m.groups(), device=device)
+    names = ", ".join(p.pattern for p, _, _ in _FACTORIES)
+    raise ValueError(f"unknown encoder {name!r}; known patterns: {names}")

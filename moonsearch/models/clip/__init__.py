@@ -1,0 +1,38 @@
+"""CLIP-family dual encoders: the open_clip baseline, the offline default clip-mini, a tiny random CLIP."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from moonsearch.models.base import register
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOONSEARCH_CACHE", Path.home() / ".cache" / "moonsearch"))
+
+
+@register(r"clip-mini(?::(.+))?", "offline default: EfficientNet-Lite0 + MiniLM towers with fitted heads "
+          "(clip-mini:<heads.safetensors> for other heads)")
+def _clip_mini(heads=None, device=None):
+    from moonsearch.models.clip.mini import ClipMini
+
+    return ClipMini(heads, device)
+
+
+@register(r"clip-tiny", "tiny random open_clip model for tests (built once into the cache folder)")
+def _clip_tiny(device=None):
+    from moonsearch.models.clip.openclip import OpenClipEncoder, save_tiny_clip
+
+    folder = cache_dir() / "clip-tiny"
+    if not (folder / "open_clip_model.safetensors").exists():
+        save_tiny_clip(folder)
+    enc = OpenClipEncoder(str(folder), device)
+    enc.name = "clip-tiny"
+    return enc
+
+
+@register(r"clip:(.+)", "open_clip model: clip:<arch>/<pretrained tag> or clip:<folder with safetensors>")
+def _clip(spec, device=None):
+    from moonsearch.models.clip.openclip import OpenClipEncoder
+
+    return OpenClipEncoder(spec, device)

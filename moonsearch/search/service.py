@@ -1,0 +1,158 @@
+"""The query layer shared by the CLI, the benchmarks and any server: load once, answer many queries.
+
+    svc = SearchService("index/")                 # encoder named in the index manifest
+    svc.search_text("red sneakers", k=10)
+    svc.search_image(Image.open("photo.jpg"), text="red")
+    svc.search_product("P0000042", exclude_group=True)
+
+Search covers every category index (or those named by ``categories``, matched as path prefixes),
+each searched for k and merged by score into one top-k. ``route=R`` first ranks categories by
+the query's similarity to each category centroid and searches only the best R.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from moonsearch.index.faiss_backend import IndexParams
+from moonsearch.index.index_set import IndexSet
+from moonsearch.models.base import Encoder, Query, create_encoder
+
+
+@dataclass
+class Hit:
+    item_id: str
+    score: float
+    title: str
+    category: list[str]
+    attributes: dict[str, str]
+    group_id: str | None = None
+    images: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_category(text: str) -> list[str]:
+    sep = ">" if ">" in text else "/"
+    return [p.strip() for p in text.split(sep) if p.strip()]
+
+
+class SearchService:
+    def __init__(self, index_dir: str | Path, encoder: Encoder | str | None = None, device: str | None = None):
+        self.index = IndexSet.load(index_dir)
+        self._encoder = encoder if isinstance(encoder, Encoder) else None
+        self._encoder_name = encoder if isinstance(encoder, str) else None
+        self.device = device
+        if self._encoder is not None:
+            self.index.check_encoder(self._encoder.describe())
+        self.slugs = sorted(self.index.categories)
+        self.centroids = np.stack([self.index.categories[s].centroid for s in self.slugs])  # (C, d)
+        self._item_loc: dict[str, tuple[str, int]] | None = None
+
+    @property
+    def encoder(self) -> Encoder:
+        """Created on first use from the manifest's encoder name (or the one given)."""
+        if self._encoder is None:
+            self._encoder = create_encoder(self._encoder_name or self.index.encoder["name"], self.device)
+            self.index.check_encoder(self._encoder.describe())
+        return self._encoder
+
+    # ---- queries -----------------------------------------------------------------------------
+    def search_text(self, text: str, k: int = 10, **kw) -> list[Hit]:
+        return self.search_queries([Query(text=text)], k, **kw)[0]
+
+    def search_image(self, image: Image.Image, text: str | None = None, k: int = 10, **kw) -> list[Hit]:
+        return self.search_queries([Query(text=text or None, image=image)], k, **kw)[0]
+
+    def search_queries(self, queries: Sequence[Query], k: int = 10, **kw) -> list[list[Hit]]:
+        xq = self.encoder.encode_queries(list(queries))  # (nq, d)
+        return self.search_vectors(xq, k, **kw)
+
+    def product_vector(self, item_id: str) -> np.ndarray:
+        slug, row = self._locate(item_id)
+        return np.asarray(self.index.categories[slug].vectors[row], np.float32)
+
+    def search_product(self, item_id: str, k: int = 10, exclude_group: bool = True, **kw) -> list[Hit]:
+        """Products like ``item_id`` (its own stored embedding); the item itself, and with
+        ``exclude_group`` its variants (same group_id), are left out."""
+        slug, row = self._locate(item_id)
+        meta = self.index.categories[slug].meta
+        exclude = {item_id}
+        group = meta.column("group_id")[row].as_py()
+        if exclude_group and group:
+            exclude |= set(self._group_members(group))
+        return self.search_vectors(self.product_vector(item_id)[None], k, exclude=exclude, **kw)[0]
+
+    def search_vectors(self, xq: np.ndarray, k: int = 10, categories: Sequence[str] | None = None,
+                       route: int | None = None, exclude: set[str] | None = None,
+                       params: IndexParams | None = None) -> list[list[Hit]]:
+        """(nq, d) L2-normalised float32 -> per query the top-k hits over the chosen categories."""
+        xq = np.ascontiguousarray(xq, np.float32)
+        assert xq.ndim == 2 and xq.shape[1] == self.index.encoder["dim"], (xq.shape, self.index.encoder["dim"])
+        slugs = self._select(categories)
+        extra = len(exclude) if exclude else 0
+        kk = k + extra
+        per_query_slugs = [slugs] * len(xq)
+        if route:
+            order = np.argsort(-(xq @ self.centroids[[self.slugs.index(s) for s in slugs]].T), axis=1)[:, :route]
+            per_query_slugs = [[slugs[j] for j in row] for row in order]
+        cands: list[list[tuple[float, str, int]]] = [[] for _ in range(len(xq))]
+        for slug in set(s for qs in per_query_slugs for s in qs):
+            qi = [i for i, qs in enumerate(per_query_slugs) if slug in qs]
+            D, R = self.index.categories[slug].search(xq[qi], kk, params)
+            for row_q, d_row, r_row in zip(qi, D, R):
+                cands[row_q].extend((float(d), slug, int(r)) for d, r in zip(d_row, r_row) if r >= 0)
+        out = []
+        for c in cands:
+            c.sort(key=lambda t: -t[0])
+            hits = []
+            for score, slug, row in c:
+                hit = self._hit(slug, row, score)
+                if exclude and hit.item_id in exclude:
+                    continue
+                hits.append(hit)
+                if len(hits) == k:
+                    break
+            out.append(hits)
+        return out
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _select(self, categories: Sequence[str] | None) -> list[str]:
+        if not categories:
+            return self.slugs
+        wanted = [parse_category(c) for c in categories]
+        chosen = [s for s in self.slugs
+                  if any(self.index.categories[s].infos["category"][:len(w)] == w for w in wanted)]
+        if not chosen:
+            known = sorted(" > ".join(self.index.categories[s].infos["category"]) for s in self.slugs)
+            raise ValueError(f"no indexed category matches {list(categories)}; known: {', '.join(known)}")
+        return chosen
+
+    def _hit(self, slug: str, row: int, score: float) -> Hit:
+        m = self.index.categories[slug].meta.slice(row, 1).to_pylist()[0]
+        return Hit(m["item_id"], score, m["title"], m["category"], json.loads(m["attributes"] or "{}"),
+                   m["group_id"], m["images"] or [], json.loads(m["extra"] or "{}"))
+
+    def _locate(self, item_id: str) -> tuple[str, int]:
+        if self._item_loc is None:
+            self._item_loc = {}
+            for slug, cat in self.index.categories.items():
+                for row, iid in enumerate(cat.meta.column("item_id").to_pylist()):
+                    self._item_loc[iid] = (slug, row)
+        if item_id not in self._item_loc:
+            raise KeyError(f"item {item_id!r} is not in the index {self.index.root}")
+        return self._item_loc[item_id]
+
+    def _group_members(self, group: str) -> list[str]:
+        out = []
+        for cat in self.index.categories.values():
+            ids = cat.meta.column("item_id").to_pylist()
+            out.extend(i for i, g in zip(ids, cat.meta.column("group_id").to_pylist()) if g == group)
+        return out

@@ -1,0 +1,172 @@
+import http.server
+import io
+import json
+import socket
+import struct
+import threading
+import zlib
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from moonsearch.cli import app
+from moonsearch.data.catalog import CatalogError, iter_catalog, read_rejects, validate_catalog
+
+
+def _jpeg(colour=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), colour).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _png_header_only(w: int, h: int) -> bytes:
+    """A PNG that declares w x h pixels: decoding it would need gigabytes (a decompression bomb)."""
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def http_server():
+    """A real HTTP server on loopback: /ok.jpg serves an image, everything else is 404."""
+    body = _jpeg()
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/ok.jpg":
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            else:
+                self.send_response(404)
+                self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture
+def bad_catalog(tmp_path, http_server):
+    (tmp_path / "img").mkdir()
+    good = _jpeg()
+    (tmp_path / "img" / "good.jpg").write_bytes(good)
+    (tmp_path / "img" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (tmp_path / "img" / "corrupt.jpg").write_bytes(b"this is not an image at all" * 10)
+    (tmp_path / "img" / "bomb.png").write_bytes(_png_header_only(30000, 30000))
+    (tmp_path / "img" / "adir.jpg").mkdir()  # exists but cannot be read as a file
+    rows = [
+        # row, item_id, title, images
+        ("A1", "good product", ["img/good.jpg", (tmp_path / "img" / "good.jpg").as_uri(), f"{http_server}/ok.jpg"]),
+        (None, "no id", ["img/good.jpg"]),
+        ("A1", "duplicate id", ["img/good.jpg"]),
+        ("A3", "", []),
+        ("A4", "truncated", ["img/truncated.jpg"]),
+        ("A5", "corrupt", ["img/corrupt.jpg"]),
+        ("A6", "bomb", ["img/bomb.png"]),
+        ("A7", "missing file", ["img/nope.jpg"]),
+        ("A8", "404", [f"{http_server}/missing.jpg"]),
+        ("A9", "closed port", [f"http://127.0.0.1:{_closed_port()}/x.jpg"]),
+        ("A10", "unreadable", ["img/adir.jpg"]),
+        ("A11", "", ["img/corrupt.jpg"]),  # no title and no usable image: the row goes
+    ]
+    table = pa.table({
+        "item_id": [r[0] for r in rows],
+        "title": pa.array([r[1].encode() for r in rows], pa.binary()),
+        "category": [["a", "b"]] * len(rows),
+        "images": [r[2] for r in rows],
+        "shop": ["s"] * len(rows),
+    })
+    # one title that is not UTF-8
+    titles = table.column("title").to_pylist()
+    titles.append(b"\xff\xfe bad bytes")
+    table = pa.concat_tables([table, pa.table({"item_id": ["A12"], "title": pa.array([b"\xff\xfe bad"], pa.binary()),
+                                               "category": [["a"]], "images": [["img/good.jpg"]], "shop": ["s"]})])
+    path = tmp_path / "catalog.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+def test_validate_reports_every_bad_case(bad_catalog):
+    s = validate_catalog(bad_catalog, timeout=2)
+    by_row = {}
+    for p in s.problems:
+        by_row.setdefault(p.row, []).append(p)
+    reason = lambda row: " ".join(p.reason for p in by_row[row])  # noqa: E731
+    assert 0 not in by_row  # path, file:// and http images all load
+    assert "missing item id" in reason(1)
+    assert "duplicate" in reason(2)
+    assert "neither a title nor an image" in reason(3)
+    assert "truncated" in reason(4)
+    assert "corrupt" in reason(5)
+    assert "decompression bomb" in reason(6)
+    assert "missing image file" in reason(7)
+    assert "unreachable URL" in reason(8) and "404" in reason(8)
+    assert "unreachable URL" in reason(9)
+    assert "unreadable image file" in reason(10)
+    assert any(p.action == "row skipped" for p in by_row[11])
+    assert "UTF-8" in reason(12)
+    assert all(p.item_id == "A4" for p in by_row[4])
+    # good rows go on: the good product, and titled rows whose images failed (text only)
+    assert s.valid == 8
+    assert s.rows == 13
+
+
+def test_cli_validate_lists_problems_and_writes_rejects(bad_catalog):
+    res = CliRunner().invoke(app, ["validate", str(bad_catalog), "--timeout", "2"])
+    assert res.exit_code == 1, res.output
+    assert "row 4 (item A4): images[0]: " in res.output
+    rejects = read_rejects(bad_catalog.with_suffix(".rejects.jsonl"))
+    assert {p.row for p in rejects} == set(range(1, 13))
+    assert all(p.reason for p in rejects)
+
+
+def test_wrong_column_types_are_reported_per_row(tmp_path):
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"item_id": ["x", "y"], "title": [1, 2], "category": [3, 4]}), path)
+    problems = []
+    assert list(iter_catalog(path, problems.append)) == []
+    assert [p.row for p in problems] == [0, 1]
+    assert "expected text" in problems[0].reason and problems[0].field == "title"
+
+
+def test_category_and_attribute_spellings(tmp_path):
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"item_id": [1, 2], "title": ["a", "b"], "category": ["x > y > z", "x/y"],
+                             "attributes": ['{"colour": "red"}', None], "price": [1.0, 2.0]}), path)
+    recs = list(iter_catalog(path, lambda p: pytest.fail(p.line())))
+    assert recs[0].item_id == "1" and recs[0].category == ["x", "y", "z"] and recs[1].category == ["x", "y"]
+    assert recs[0].attributes == {"colour": "red"} and recs[0].meta == {"price": 1.0}
+
+
+def test_unusable_catalogs_are_one_clear_error(tmp_path):
+    no_id = tmp_path / "noid.parquet"
+    pq.write_table(pa.table({"title": ["a"]}), no_id)
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"item_id": pa.array([], pa.string())}), empty)
+    junk = tmp_path / "junk.parquet"
+    junk.write_text("not parquet")
+    for path, words in [(no_id, "no 'item_id' column"), (empty, "empty"), (junk, "not a readable parquet")]:
+        with pytest.raises(CatalogError, match=words):
+            list(iter_catalog(path, print))
+        res = CliRunner().invoke(app, ["validate", str(path)])
+        assert res.exit_code == 2
+        assert words in res.output and "Traceback" not in res.output

@@ -1,0 +1,116 @@
+"""One conformance battery over every registered encoder family, plus clip-mini's own promises."""
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from moonsearch.data.images import load_image
+from moonsearch.models.base import Product, Query, create_encoder
+
+ENCODERS = ["clip_tiny", "clip_mini"]
+
+
+def _products(world, n=6):
+    cat = pq.read_table(world / "catalog.parquet").to_pylist()[:n]
+    return [Product(r["title"], r["category"], dict(r["attributes"]), [load_image(p, world) for p in r["images"]],
+                    r["item_id"]) for r in cat]
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_conformance(name, request, world):
+    enc = request.getfixturevalue(name)
+    prods = _products(world)
+    P = enc.encode_products(prods)
+    assert P.shape == (len(prods), enc.dim) and P.dtype == np.float32
+    assert np.allclose(np.linalg.norm(P, axis=1), 1, atol=1e-4)
+    # batch composition does not change a product's vector (padding and batching are invisible)
+    one = enc.encode_products(prods[2:3])
+    assert np.allclose(one[0], P[2], atol=1e-4)
+    assert np.allclose(enc.encode_products(prods[::-1]), P[::-1], atol=1e-4)
+    img = prods[0].images[0]
+    Q = enc.encode_queries([Query("red sneakers"), Query(image=img), Query("red", img)])
+    assert Q.shape == (3, enc.dim) and np.allclose(np.linalg.norm(Q, axis=1), 1, atol=1e-4)
+    assert not np.allclose(Q[0], Q[1]) and not np.allclose(Q[1], Q[2])
+    # a product with text only, and one with images only
+    T = enc.encode_products([Product(title="blue mug"), Product(images=[img])])
+    assert np.allclose(T[0], enc.encode_queries([Query("blue mug")])[0], atol=1e-4)
+    assert np.allclose(T[1], Q[1], atol=1e-4)
+    info = enc.describe()
+    assert info["dim"] == enc.dim and info["fingerprint"]
+
+
+def test_query_needs_text_or_image():
+    with pytest.raises(ValueError):
+        Query()
+
+
+def test_unknown_encoder_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown encoder 'nope'"):
+        create_encoder("nope")
+
+
+def test_clip_folder_loads_through_open_clip_and_refuses_pickles(tmp_path):
+    from moonsearch.models.clip.openclip import save_tiny_clip
+
+    folder = save_tiny_clip(tmp_path / "c", seed=3)
+    enc = create_encoder(f"clip:{folder}")
+    v = enc.encode_queries([Query("hello")])
+    assert v.shape == (1, 32)
+    # same weights, same fingerprint; other weights, other fingerprint
+    assert create_encoder(f"clip:{folder}").fingerprint == enc.fingerprint
+    other = save_tiny_clip(tmp_path / "d", seed=4)
+    assert create_encoder(f"clip:{other}").fingerprint != enc.fingerprint
+    (folder / "open_clip_model.safetensors").rename(folder / "open_clip_pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        create_encoder(f"clip:{folder}")
+
+
+def test_clip_mini_finds_colour_and_type(clip_mini, world):
+    """'<colour> <product type>' ranks a product of that type and colour first (the demo's 'red sneakers')."""
+    from collections import Counter
+
+    from moonsearch.data.world import LEAVES
+
+    cat = pq.read_table(world / "catalog.parquet").to_pylist()
+    P = clip_mini.encode_products(_products(world, len(cat)))
+    leaf_of = {v[0][2]: k for k, v in LEAVES.items()}
+    pairs = Counter((r["category"][-1], dict(r["attributes"])["colour"]) for r in cat)
+    leaves = Counter(r["category"][-1] for r in cat)
+    checked = 0
+    for (leaf, colour), n in pairs.most_common():
+        if leaves[leaf] < 4 or checked == 3:
+            continue
+        checked += 1
+        q = f"{colour} {LEAVES[leaf_of[leaf]][1][0]}"
+        s = clip_mini.encode_queries([Query(q)])[0] @ P.T
+        top = [cat[i] for i in np.argsort(-s)[:5]]
+        assert top[0]["category"][-1] == leaf and dict(top[0]["attributes"])["colour"] == colour, q
+        assert sum(r["category"][-1] == leaf for r in top) >= min(3, leaves[leaf]), q
+    assert checked == 3
+
+
+def test_clip_mini_works_on_real_photographs(clip_mini):
+    """Photos it never saw (scikit-image's), matched against product-type texts via the ImageNet bridge."""
+    from skimage import data
+
+    photos = {"coffee": data.coffee(), "cat": data.chelsea(), "motorcycle": data.stereo_motorcycle()[0]}
+    texts = ["a cup of coffee", "a cat", "a motorcycle", "a running shoe", "a backpack", "a laptop"]
+    T = clip_mini.encode_texts(texts)
+    I = clip_mini.encode_queries([Query(image=Image.fromarray(p)) for p in photos.values()])
+    best = [texts[i] for i in (I @ T.T).argmax(1)]
+    assert best == ["a cup of coffee", "a cat", "a motorcycle"]
+
+
+def test_efficientnet_lite0_classifies_real_photos():
+    import torch
+
+    from moonsearch.models.efficientnet_lite import MEAN, STD, imagenet_class_names, load_pretrained
+    from moonsearch.models.towers import pil_to_tensor
+    from skimage import data
+
+    model, names = load_pretrained(), imagenet_class_names()
+    x = pil_to_tensor([Image.fromarray(data.coffee()), Image.fromarray(data.chelsea())], 224, MEAN, STD)
+    with torch.no_grad():
+        top = model.classify(model(x)).argmax(1).tolist()
+    assert names[top[0]] in ("espresso", "cup", "coffee mug")
+    assert names[top[1]] in ("Egyptian cat", "tabby", "tiger cat")

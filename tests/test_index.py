@@ -1,0 +1,167 @@
+import json
+from dataclasses import replace
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import structured_vectors
+from moonsearch.eval.metrics import ann_recall
+from moonsearch.index import faiss_backend as fb
+from moonsearch.index.category import CategoryIndex, IndexMismatch
+from moonsearch.index.index_set import IndexSet
+from moonsearch.indexer.run import IndexJob, run_index
+from moonsearch.models.base import create_encoder
+
+
+def _meta(n, start=0):
+    return pa.table({"seq": pa.array(np.arange(start, start + n), pa.int64()),
+                     "item_id": [f"i{i}" for i in range(start, start + n)], "title": [""] * n,
+                     "category": [["c"]] * n, "attributes": ["{}"] * n, "group_id": [None] * n,
+                     "images": [[]] * n, "extra": ["{}"] * n})
+
+
+def _exact(xb, xq, k):
+    flat = faiss.IndexFlatIP(xb.shape[1])
+    flat.add(xb)
+    return flat.search(xq, k)[1]
+
+
+def test_factory_ladder():
+    p = fb.IndexParams()
+    assert fb.choose_factory(500, 64, p) == "IDMap2,Flat"
+    assert fb.choose_factory(5000, 64, p) == "IDMap2,HNSW32"
+    assert fb.choose_factory(200_000, 256, p) == "IVF1024,PQ64np"  # 64 bytes = 1/16 of float32
+    assert fb.choose_factory(200_000, 256, replace(p, bytes_per_vector=128)) == "IVF1024,PQ128np"
+
+
+def test_ivfpq_against_exact_oracle_and_rerank(tmp_path):
+    xb = structured_vectors(12_000, 32, seed=1)
+    xq = structured_vectors(200, 32, seed=2)
+    params = fb.IndexParams(nprobe=16)
+    ci = CategoryIndex.write(tmp_path / "c", xb, _meta(len(xb)), params, {"fingerprint": "x"}, ["c"])
+    assert ci.infos["factory"].startswith("IVF") and "PQ8" in ci.infos["factory"]
+    assert ci.index.metric_type == faiss.METRIC_INNER_PRODUCT
+    exact = _exact(xb, xq, 10)
+    _, rows_raw = ci.search(xq, 10, replace(params, rerank=0))
+    _, rows_rr = ci.search(xq, 10, replace(params, rerank=8))
+    r_raw, r_rr = ann_recall(rows_raw, exact), ann_recall(rows_rr, exact)
+    assert r_rr >= 0.9 and r_rr > r_raw + 0.05, (r_raw, r_rr)
+    assert ci.infos["bytes_per_vector"] < xb.shape[1] * 4 / 2
+    # reloaded from disk, it answers the same
+    again = CategoryIndex.load(tmp_path / "c")
+    assert np.array_equal(again.search(xq, 10, replace(params, rerank=8))[1], rows_rr)
+
+
+@pytest.mark.parametrize("n,factory", [(300, "IDMap2,Flat"), (2500, "IDMap2,HNSW32")])
+def test_small_category_fallbacks_are_near_exact(tmp_path, n, factory):
+    xb = structured_vectors(n, 24, seed=n)
+    ci = CategoryIndex.write(tmp_path / "c", xb, _meta(n), fb.IndexParams(), {"fingerprint": "x"}, ["c"])
+    assert ci.infos["factory"] == factory
+    xq = xb[:50] + 0.01
+    assert ann_recall(ci.search(xq, 10)[1], _exact(xb, xq, 10)) >= 0.97
+
+
+@pytest.mark.parametrize("n", [300, 2500, 12_000])
+def test_append_and_delete(tmp_path, n):
+    xb = structured_vectors(n + 100, 32, seed=7)
+    ci = CategoryIndex.write(tmp_path / "c", xb[:n], _meta(n), fb.IndexParams(nprobe=64), {"fingerprint": "x"}, ["c"])
+    ci = ci.append(xb[n:], _meta(100))
+    assert ci.index.ntotal == n + 100 and ci.meta.num_rows == n + 100
+    new_ids = ci.meta.column("item_id").to_pylist()[n:]
+    _, rows = ci.search(xb[n:n + 5], 1)
+    found = [ci.meta.column("item_id")[int(r)].as_py() for r in rows[:, 0]]
+    assert found == new_ids[:5]  # appended items are found as their own nearest neighbour
+    victims = {found[0], "i0"}
+    ci, removed = ci.delete(victims)
+    assert removed == 2 and ci.index.ntotal == n + 98
+    _, rows = ci.search(xb[n:n + 1], 5)
+    assert victims.isdisjoint(ci.meta.column("item_id")[int(r)].as_py() for r in rows[0] if r >= 0)
+    assert CategoryIndex.load(tmp_path / "c").index.ntotal == n + 98
+
+
+def test_incomplete_folder_does_not_load(tmp_path):
+    ci = CategoryIndex.write(tmp_path / "c", structured_vectors(50, 8), _meta(50), fb.IndexParams(),
+                             {"fingerprint": "x"}, ["c"])
+    (tmp_path / "c" / "index_infos.json").unlink()
+    with pytest.raises(IndexMismatch, match="index_infos.json"):
+        CategoryIndex.load(tmp_path / "c")
+    assert ci.index.ntotal == 50
+
+
+def test_index_folder_describes_itself(tiny_index, clip_tiny, world):
+    s = IndexSet.load(tiny_index)
+    assert s.encoder["name"] == "clip-tiny" and s.encoder["fingerprint"] == clip_tiny.fingerprint
+    cats = {tuple(c["path"]) for c in s.manifest["categories"].values()}
+    leaf = {tuple(r["category"]) for r in pq.read_table(world / "catalog.parquet").to_pylist()}
+    assert cats == leaf and s.count == 120
+    one = next(iter(s.categories.values()))
+    infos = json.loads((one.path / "index_infos.json").read_text())
+    assert {"factory", "params", "metric", "count", "dim", "encoder"} <= set(infos)
+    assert infos["metric"] == "inner_product" and infos["encoder"]["name"] == "clip-tiny"
+
+
+def test_encoder_mismatch_is_a_clear_error(tiny_index, tmp_path):
+    from moonsearch.models.clip.openclip import save_tiny_clip
+    from moonsearch.search.service import SearchService
+
+    other = create_encoder(f"clip:{save_tiny_clip(tmp_path / 'other', seed=9)}")
+    with pytest.raises(IndexMismatch, match="was built with encoder clip-tiny"):
+        SearchService(tiny_index, encoder=other)
+
+
+class CountingEncoder:
+    """A real encoder that counts products and can be told to die mid-run (an interrupted job)."""
+
+    def __init__(self, inner, die_after_batches=None):
+        self.inner, self.die, self.batches, self.products = inner, die_after_batches, 0, 0
+        self.name, self.dim, self.fingerprint = inner.name, inner.dim, inner.fingerprint
+
+    def describe(self):
+        return self.inner.describe()
+
+    def encode_products(self, products, batch_size=32):
+        if self.die is not None and self.batches >= self.die:
+            raise KeyboardInterrupt
+        self.batches += 1
+        self.products += len(products)
+        return self.inner.encode_products(products, batch_size)
+
+
+def test_resume_after_interruption_and_no_reembedding(world, clip_tiny, tmp_path):
+    job = IndexJob(world / "catalog.parquet", tmp_path / "idx", model="clip-tiny", batch_size=16, flush_every=16)
+    dying = CountingEncoder(clip_tiny, die_after_batches=3)
+    with pytest.raises(KeyboardInterrupt):
+        run_index(job, encoder=dying)
+    assert not (tmp_path / "idx" / "manifest.json").exists()  # no half-built index that loads
+    second = CountingEncoder(clip_tiny)
+    rep = run_index(job, encoder=second)
+    assert rep.cached == 48 and second.products == 120 - 48 and rep.indexed == 120
+    third = CountingEncoder(clip_tiny)
+    rep = run_index(replace(job, params=fb.IndexParams(nprobe=4)), encoder=third)
+    assert third.products == 0 and rep.cached == 120  # other index parameters, nothing re-embedded
+    assert IndexSet.load(tmp_path / "idx").count == 120
+
+
+def test_indexer_append_and_rejects(world, clip_tiny, tmp_path):
+    cat = pq.read_table(world / "catalog.parquet")
+    first, rest = cat.slice(0, 80), cat.slice(80)
+    pq.write_table(first, world / "first.parquet")
+    bad = pa.table({"item_id": ["P0000000", "NEW1", "NEW2"], "title": ["dup", "fine", ""],
+                    "category": [["x"], ["home", "kitchen", "mugs"], ["x"]],
+                    "images": [["images/P0000000_0.jpg"], ["images/nope.jpg"], ["images/nope.jpg"]]})
+    extra = pa.concat_tables([rest.select(["item_id", "title", "category", "images"]), bad])
+    pq.write_table(extra, world / "extra.parquet")
+    out = tmp_path / "idx"
+    run_index(IndexJob(world / "first.parquet", out, model="clip-tiny"), encoder=clip_tiny)
+    enc = CountingEncoder(clip_tiny)
+    rep = run_index(IndexJob(world / "extra.parquet", out, model="clip-tiny", append=True), encoder=enc)
+    assert enc.products == 41 and IndexSet.load(out).count == 121
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    reasons = {(r["item_id"], r["action"]): r["reason"] for r in rejects}
+    assert "duplicate" in reasons[("P0000000", "row skipped")]
+    assert "missing image file" in reasons[("NEW1", "image skipped")]
+    assert "no usable image and no title" in reasons[("NEW2", "row skipped")]
+    assert rep.indexed == 41

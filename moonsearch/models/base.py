@@ -165,6 +165,7 @@ def available() -> list[tuple[str, str]]:
 
 def _load_builtin() -> None:
     import moonsearch.models.clip  # noqa: F401  (registers clip-mini, clip-tiny, clip:...)
+    import moonsearch.models.moon  # noqa: F401  (registers moon-mini, moon-tiny, moon:...)
 
 
 def create_encoder(name: str, device: str | None = None) -> Encoder:

@@ -1,0 +1,171 @@
+"""Backbone adapters: one per model family, one interface.
+
+``adapter.forward(batch)`` takes a batch of segment lists (see tokens.py) and returns
+``(hidden (B, T, H), token_types (B, T))``: the last hidden states of ONE forward pass over images,
+crops and text together, and the type of every position (PAD where padded). ``decoder_layers()`` gives
+the layers whose ``.mlp`` the guided MoE may replace.
+
+- ``QwenVLAdapter``: Qwen2-VL / Qwen2.5-VL through transformers, with their own vision tower and merger.
+  Token ids are built here (text pieces tokenised separately, so every token's type is known); each
+  image becomes ``<vision_start> <image_pad> x n <vision_end>`` with n = t*h*w / merge^2 from the image
+  processor's grid, and ``mm_token_type_ids`` is always passed (Qwen2-VL refuses to run without it,
+  Qwen2.5-VL silently drops the image positions).
+- ``ComposedAdapter``: a vision tower (EfficientNet-Lite0 feature map pooled to a g x g grid) + an MLP
+  projector + any Hugging Face causal LM, optionally cut to its first ``num_layers`` decoder layers.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from moonsearch.models.moon.tokens import PAD, Segment
+
+
+class BackboneAdapter(ABC, nn.Module):
+    hidden_size: int
+
+    @abstractmethod
+    def prepare(self, batch: Sequence[Sequence[Segment]]) -> dict:
+        """Model inputs for the batch plus ``token_types`` (B, T)."""
+
+    @abstractmethod
+    def run(self, inputs: dict) -> torch.Tensor:
+        """Last hidden states (B, T, H) of one forward pass over ``prepare``'s inputs."""
+
+    def forward(self, batch: Sequence[Sequence[Segment]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> hidden (B, T, H), token_types (B, T)."""
+        inputs = self.prepare(batch)
+        return self.run(inputs), inputs["token_types"]
+
+    @abstractmethod
+    def decoder_layers(self) -> list[nn.Module]:
+        """Decoder layers (each with an ``.mlp``)."""
+
+    def _text_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _pad_right(seqs: list[torch.Tensor], value) -> torch.Tensor:
+    T = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), T, *seqs[0].shape[1:]), value, dtype=seqs[0].dtype)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = s
+    return out
+
+
+class QwenVLAdapter(BackboneAdapter):
+    """Qwen2-VL / Qwen2.5-VL (``model`` is the transformers ``*VLModel`` without the LM head)."""
+
+    def __init__(self, model: nn.Module, tokenizer, image_processor, image_size: int = 224):
+        super().__init__()
+        self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
+        cfg = model.config
+        self.hidden_size = cfg.text_config.hidden_size if hasattr(cfg, "text_config") else cfg.hidden_size
+        self.image_size = image_size
+        self.merge = cfg.vision_config.spatial_merge_size
+        self.ids = dict(image=cfg.image_token_id, start=cfg.vision_start_token_id, end=cfg.vision_end_token_id)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def decoder_layers(self) -> list[nn.Module]:
+        return list(self.model.language_model.layers)
+
+    def prepare(self, batch):
+        ids, types, mm, images = [], [], [], []
+        for segs in batch:
+            i_, t_, m_ = [], [], []
+            for seg in segs:
+                if seg.image is not None:
+                    img = seg.image.convert("RGB").resize((self.image_size, self.image_size))
+                    images.append(img)
+                    proc = self.image_processor(images=[img], return_tensors="pt")
+                    n = int(proc["image_grid_thw"][0].prod()) // self.merge ** 2
+                    i_ += [self.ids["start"]] + [self.ids["image"]] * n + [self.ids["end"]]
+                    t_ += [seg.kind] * (n + 2)
+                    m_ += [0] + [1] * n + [0]
+                else:
+                    tok = self._text_ids(seg.text)
+                    i_ += tok
+                    t_ += [seg.kind] * len(tok)
+                    m_ += [0] * len(tok)
+            ids.append(torch.tensor(i_))
+            types.append(torch.tensor(t_))
+            mm.append(torch.tensor(m_))
+        input_ids = _pad_right(ids, self.pad_id)
+        token_types = _pad_right(types, PAD)
+        attention = (token_types != PAD).long()
+        kw = {}
+        if images:
+            proc = self.image_processor(images=images, return_tensors="pt")
+            kw = dict(pixel_values=proc["pixel_values"].to(self.model.dtype), image_grid_thw=proc["image_grid_thw"])
+        dev = self.model.device
+        return dict(input_ids=input_ids.to(dev), attention_mask=attention.to(dev),
+                    mm_token_type_ids=_pad_right(mm, 0).to(dev), token_types=token_types,
+                    **{k: v.to(dev) for k, v in kw.items()})
+
+    def run(self, inputs):
+        kw = {k: v for k, v in inputs.items() if k != "token_types"}
+        return self.model(**kw).last_hidden_state
+
+
+class ComposedAdapter(BackboneAdapter):
+    """Vision tower + MLP projector + causal LM decoder (``lm`` is the base model, e.g. ``LlamaModel``)."""
+
+    def __init__(self, vision: nn.Module, vision_dim: int, lm: nn.Module, tokenizer, grid: int = 2,
+                 image_size: int = 160, num_layers: int | None = None):
+        super().__init__()
+        self.vision, self.lm, self.tokenizer = vision, lm, tokenizer
+        self.grid, self.image_size = grid, image_size
+        if num_layers is not None and num_layers < len(lm.layers):
+            lm.layers = nn.ModuleList(list(lm.layers)[:num_layers])  # a shallower LLM for small machines
+            lm.config.num_hidden_layers = num_layers
+            if hasattr(lm.config, "layer_types") and lm.config.layer_types is not None:
+                lm.config.layer_types = lm.config.layer_types[:num_layers]
+        self.hidden_size = lm.config.hidden_size
+        self.projector = nn.Sequential(nn.Linear(vision_dim, self.hidden_size), nn.GELU(),
+                                       nn.Linear(self.hidden_size, self.hidden_size))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def decoder_layers(self) -> list[nn.Module]:
+        return list(self.lm.layers)
+
+    def visual_tokens(self, images) -> torch.Tensor:
+        """(n, grid*grid, H): the feature map pooled to a grid, projected into the LM's space."""
+        from moonsearch.models import efficientnet_lite as eff
+        from moonsearch.models.towers import pil_to_tensor
+
+        x = pil_to_tensor(images, self.image_size, eff.MEAN, eff.STD).to(self.projector[0].weight.device)
+        fmap = self.vision.feature_map(x)  # (n, 1280, h, w)
+        pooled = nn.functional.adaptive_avg_pool2d(fmap, self.grid).flatten(2).transpose(1, 2)  # (n, g*g, 1280)
+        return self.projector(pooled)
+
+    def prepare(self, batch):
+        emb = self.lm.get_input_embeddings()
+        dev = emb.weight.device
+        images = [seg.image for segs in batch for seg in segs if seg.image is not None]
+        vis = self.visual_tokens(images) if images else None  # (n_img, g*g, H)
+        seqs, types, k = [], [], 0
+        for segs in batch:
+            parts, t_ = [], []
+            for seg in segs:
+                if seg.image is not None:
+                    parts.append(vis[k])
+                    t_ += [seg.kind] * vis.shape[1]
+                    k += 1
+                else:
+                    tok = torch.tensor(self._text_ids(seg.text), dtype=torch.long, device=dev)
+                    parts.append(emb(tok))
+                    t_ += [seg.kind] * len(tok)
+            seqs.append(torch.cat(parts))
+            types.append(torch.tensor(t_))
+        T = max(len(s) for s in seqs)
+        x = torch.zeros(len(seqs), T, self.hidden_size, dtype=seqs[0].dtype, device=dev)
+        for i, s in enumerate(seqs):
+            x[i, :len(s)] = s
+        token_types = _pad_right(types, PAD)
+        return dict(inputs_embeds=x, attention_mask=(token_types != PAD).long().to(dev), token_types=token_types)
+
+    def run(self, inputs):
+        return self.lm(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"]).last_hidden_state

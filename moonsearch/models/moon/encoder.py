@@ -1,0 +1,199 @@
+"""The MOON encoder: images, their core-product crops and the text in ONE forward pass of a generative
+MLLM; the representation is the masked mean of the last hidden states (padding and prompt boilerplate
+excluded), optionally projected, then L2-normalised.
+
+Checkpoints are folders: ``config.json`` (this MoonConfig, the backbone source included) and
+``model.safetensors`` (the whole MoonModel state dict). ``moonsearch index --model moon:<folder>``
+loads one; nothing is unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from moonsearch.models.base import Encoder, Product, Query
+from moonsearch.models.moon import moe as moe_mod
+from moonsearch.models.moon.tokens import NAMES, POOLED, product_segments, query_segments
+
+FORMAT = "moonsearch-moon/1"
+
+
+@dataclass(frozen=True)
+class MoonConfig:
+    backbone: str = "composed"  # "composed" (vision tower + projector + causal LM) or "qwen-vl"
+    source: str = "smollm2-135m"  # LM (composed) or Qwen-VL model: hub id, local folder, or a builtin name
+    num_layers: int | None = 6  # composed: keep the first N decoder layers (None: all)
+    grid: int = 2  # composed: visual tokens per image = grid * grid
+    image_size: int = 160
+    max_images: int = 4
+    use_crops: bool = True  # feed the core-product crop of every image after the image
+    cropper: str = "saliency"
+    use_moe: bool = True
+    moe: moe_mod.MoEConfig = field(default_factory=moe_mod.MoEConfig)
+    projection_dim: int | None = None  # None: the hidden size, no projection
+    lora_rank: int = 0  # >0: peft LoRA on the LLM's attention projections
+    freeze_vision: bool = True
+    seed: int = 0  # initialisation of the new parts (projector, gates)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["moe"]["layers"] = list(self.moe.layers) if self.moe.layers is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MoonConfig":
+        d = dict(d)
+        m = dict(d.pop("moe", {}))
+        if m.get("layers") is not None:
+            m["layers"] = tuple(m["layers"])
+        return cls(**d, moe=moe_mod.MoEConfig(**m))
+
+
+class MoonModel(nn.Module):
+    """adapter -> (guided MoE inside) -> masked mean pool -> optional projection."""
+
+    def __init__(self, cfg: MoonConfig, adapter):
+        super().__init__()
+        self.cfg, self.adapter = cfg, adapter
+        torch.manual_seed(cfg.seed)
+        self.moe_layers = nn.ModuleList(
+            moe_mod.convert(adapter.decoder_layers(), adapter.hidden_size, cfg.moe) if cfg.use_moe else [])
+        self.projection = nn.Linear(adapter.hidden_size, cfg.projection_dim, bias=False) \
+            if cfg.projection_dim else None
+        self.dim = cfg.projection_dim or adapter.hidden_size
+
+    def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> pooled (B, dim) unnormalised, aux load-balancing loss (scalar), token types (B, T)."""
+        inputs = self.adapter.prepare(batch)
+        token_types = inputs["token_types"]  # (B, T)
+        for m in self.moe_layers:
+            m.token_types = token_types  # the map that guides the experts
+        hidden = self.adapter.run(inputs)  # (B, T, H)
+        mask = torch.isin(token_types, torch.tensor(POOLED)).to(hidden.device).unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, H)
+        if self.projection is not None:
+            pooled = self.projection(pooled)
+        aux = sum((m.aux_loss for m in self.moe_layers), torch.zeros((), device=hidden.device))
+        return pooled, aux, token_types
+
+    def routing_stats(self, reset: bool = False) -> dict[str, list[int]]:
+        """Tokens per expert per converted layer (category, attribute, general_1..N)."""
+        out = {f"layer{i}": m.counts.tolist() for i, m in enumerate(self.moe_layers)}
+        if reset:
+            for m in self.moe_layers:
+                m.counts.zero_()
+        return out
+
+
+class MoonEncoder(Encoder):
+    def __init__(self, model: MoonModel, name: str, fingerprint: str, device: str | None = None):
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.device = device or "cpu"
+        self.model.to(self.device)
+        self.name, self.fingerprint, self.dim = name, fingerprint, model.dim
+        from moonsearch.vision.croppers import CROPPERS
+
+        self.cropper = CROPPERS[self.cfg.cropper]()
+
+    def _crops(self, images, title):
+        from moonsearch.vision.croppers import crop
+
+        return [crop(im, self.cropper.box(im, title)) for im in images] if self.cfg.use_crops else None
+
+    def product_batch(self, products: Sequence[Product]):
+        out = []
+        for p in products:
+            imgs = list(p.images[:self.cfg.max_images])
+            out.append(product_segments(p.title, p.category, p.attributes, imgs, self._crops(imgs, p.title)))
+        return out
+
+    @torch.inference_mode()
+    def _run(self, batches) -> np.ndarray:
+        vecs = [nn.functional.normalize(self.model(b)[0].float(), dim=-1).cpu().numpy() for b in batches]
+        return np.concatenate(vecs).astype(np.float32) if vecs else np.zeros((0, self.dim), np.float32)
+
+    def encode_products(self, products: Sequence[Product], batch_size: int = 8) -> np.ndarray:
+        products = list(products)
+        return self._run(self.product_batch(products[s:s + batch_size]) for s in range(0, len(products), batch_size))
+
+    def encode_queries(self, queries: Sequence[Query], batch_size: int = 16) -> np.ndarray:
+        queries = list(queries)
+        return self._run([query_segments(q.text, q.image) for q in queries[s:s + batch_size]]
+                         for s in range(0, len(queries), batch_size))
+
+
+# ---- building and checkpoints -------------------------------------------------------------------
+def build_model(cfg: MoonConfig, device: str | None = None) -> MoonModel:
+    from moonsearch.models.moon.backbones import build_adapter
+
+    adapter = build_adapter(cfg)
+    model = MoonModel(cfg, adapter)
+    if cfg.lora_rank:
+        apply_lora(model, cfg.lora_rank)
+    return model
+
+
+def apply_lora(model: MoonModel, rank: int) -> None:
+    """peft LoRA on the LLM's attention projections (q, k, v, o)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lm = model.adapter.lm if hasattr(model.adapter, "lm") else model.adapter.model.language_model
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                       "o_proj"]), lm)
+
+
+def save_pretrained(model: MoonModel, folder: str | Path, meta: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    from moonsearch.utils.io import atomic_path, atomic_write_json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT})
+    atomic_write_json({"format": FORMAT, "moon": model.cfg.to_dict(), "meta": meta or {}}, folder / "config.json")
+    return folder
+
+
+def is_checkpoint(folder: Path) -> bool:
+    f = folder / "config.json"
+    return f.exists() and json.loads(f.read_text()).get("format") == FORMAT
+
+
+def load_pretrained(folder: str | Path, device: str | None = None) -> MoonEncoder:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg = MoonConfig.from_dict(json.loads((folder / "config.json").read_text())["moon"])
+    model = build_model(cfg)
+    weights = folder / "model.safetensors"
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    digest = hashlib.sha1(weights.read_bytes()).hexdigest()[:16]
+    return MoonEncoder(model, f"moon:{folder}", digest, device)
+
+
+def fresh_encoder(cfg: MoonConfig, name: str, device: str | None = None) -> MoonEncoder:
+    """An encoder from the backbone's pretrained weights plus seeded new parts (not trained yet)."""
+    model = build_model(cfg)
+    digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    return MoonEncoder(model, name, f"init-{digest}", device)
+
+
+def expert_names(cfg: MoonConfig) -> list[str]:
+    return ["category", "attribute"] + [f"general{i}" for i in range(cfg.moe.n_general)]
+
+
+def with_changes(cfg: MoonConfig, **kw) -> MoonConfig:
+    return replace(cfg, **kw)
+
+
+__all__ = ["MoonConfig", "MoonModel", "MoonEncoder", "NAMES", "save_pretrained", "load_pretrained"]

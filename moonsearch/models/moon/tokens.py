@@ -1,0 +1,48 @@
+"""Token types: the map that tells the guided experts (and the pooling) what each position is."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from PIL import Image
+
+PAD, PROMPT, TEXT, CATEGORY, ATTRIBUTE, IMAGE, CROP = range(7)
+NAMES = {PAD: "pad", PROMPT: "prompt", TEXT: "text", CATEGORY: "category", ATTRIBUTE: "attribute",
+         IMAGE: "image", CROP: "crop"}
+POOLED = (TEXT, CATEGORY, ATTRIBUTE, IMAGE, CROP)  # prompt boilerplate and padding are not pooled
+
+
+@dataclass
+class Segment:
+    """One piece of an input sequence: text of a kind, or an image (kind IMAGE or CROP)."""
+
+    kind: int
+    text: str | None = None
+    image: Image.Image | None = None
+
+
+def product_segments(title: str, category: list[str], attributes: dict[str, str], images: list[Image.Image],
+                     crops: list[Image.Image] | None) -> list[Segment]:
+    """``Product: <img><crop>... <title> Category: <a > b > c> Attributes: <k: v, ...>``."""
+    segs = [Segment(PROMPT, "Product:")]
+    for i, img in enumerate(images):
+        segs.append(Segment(IMAGE, image=img))
+        if crops is not None and crops[i] is not None:
+            segs.append(Segment(CROP, image=crops[i]))
+    if title:
+        segs.append(Segment(TEXT, " " + title))
+    if category:
+        segs += [Segment(PROMPT, " Category:"), Segment(CATEGORY, " " + " > ".join(category))]
+    if attributes:
+        segs += [Segment(PROMPT, " Attributes:"),
+                 Segment(ATTRIBUTE, " " + ", ".join(f"{k}: {v}" for k, v in attributes.items()))]
+    return segs
+
+
+def query_segments(text: str | None, image: Image.Image | None) -> list[Segment]:
+    """``Query: <img> <text>``: queries carry no category or attribute spans."""
+    segs = [Segment(PROMPT, "Query:")]
+    if image is not None:
+        segs.append(Segment(IMAGE, image=image))
+    if text:
+        segs.append(Segment(TEXT, " " + text))
+    return segs

@@ -54,3 +54,17 @@ def structured_vectors(n: int, d: int, seed: int = 0, clusters: int = 40) -> np.
     centres = rng.normal(size=(clusters, d))
     x = centres[rng.integers(clusters, size=n)] + 0.35 * rng.normal(size=(n, d))
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def moon_tiny():
+    from moonsearch.models.base import create_encoder
+
+    return create_encoder("moon-tiny")
+
+
+@pytest.fixture(scope="session")
+def moon_mini():
+    from moonsearch.models.base import create_encoder
+
+    return create_encoder("moon-mini")

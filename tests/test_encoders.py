@@ -5,9 +5,9 @@ import pytest
 from PIL import Image
 
 from moonsearch.data.images import load_image
-from moonsearch.models.base import Product, Query, create_encoder
+from moonsearch.models.base import DualEncoder, Product, Query, create_encoder
 
-ENCODERS = ["clip_tiny", "clip_mini"]
+ENCODERS = ["clip_tiny", "clip_mini", "moon_tiny", "moon_mini"]
 
 
 def _products(world, n=6):
@@ -33,8 +33,10 @@ def test_conformance(name, request, world):
     assert not np.allclose(Q[0], Q[1]) and not np.allclose(Q[1], Q[2])
     # a product with text only, and one with images only
     T = enc.encode_products([Product(title="blue mug"), Product(images=[img])])
-    assert np.allclose(T[0], enc.encode_queries([Query("blue mug")])[0], atol=1e-4)
-    assert np.allclose(T[1], Q[1], atol=1e-4)
+    assert T.shape == (2, enc.dim) and np.allclose(np.linalg.norm(T, axis=1), 1, atol=1e-4)
+    if isinstance(enc, DualEncoder):  # the documented fusion rule: no image -> the text alone
+        assert np.allclose(T[0], enc.encode_queries([Query("blue mug")])[0], atol=1e-4)
+        assert np.allclose(T[1], Q[1], atol=1e-4)
     info = enc.describe()
     assert info["dim"] == enc.dim and info["fingerprint"]
 

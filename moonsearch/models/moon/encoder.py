@@ -63,7 +63,8 @@ class MoonModel(nn.Module):
         super().__init__()
         self.cfg, self.adapter = cfg, adapter
         torch.manual_seed(cfg.seed)
-        self.moe_layers = nn.ModuleList(
+        # a plain list: the modules are registered once, inside the decoder layers they replace
+        self.moe_layers: list[moe_mod.GuidedMoE] = (
             moe_mod.convert(adapter.decoder_layers(), adapter.hidden_size, cfg.moe) if cfg.use_moe else [])
         self.projection = nn.Linear(adapter.hidden_size, cfg.projection_dim, bias=False) \
             if cfg.projection_dim else None
@@ -148,6 +149,12 @@ def apply_lora(model: MoonModel, rank: int) -> None:
     lm = model.adapter.lm if hasattr(model.adapter, "lm") else model.adapter.model.language_model
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj",
                                                                                        "o_proj"]), lm)
+    # peft freezes everything it did not add; the experts, gates and projector are trained too
+    for m in model.moe_layers:
+        m.requires_grad_(True)
+    for extra in (getattr(model.adapter, "projector", None), model.projection):
+        if extra is not None:
+            extra.requires_grad_(True)
 
 
 def save_pretrained(model: MoonModel, folder: str | Path, meta: dict | None = None) -> Path:

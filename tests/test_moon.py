@@ -1,0 +1,156 @@
+"""MOON-specific promises: guided routing, upcycling, pooling, checkpoints, backbones, croppers."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from moonsearch.models.base import Product, Query, create_encoder
+from moonsearch.models.moon import moe as moe_mod
+from moonsearch.models.moon.encoder import MoonConfig, build_model, load_pretrained, save_pretrained
+from moonsearch.models.moon.tokens import ATTRIBUTE, CATEGORY, PAD, product_segments, query_segments
+from moonsearch.vision.croppers import CentreCropper, GroundingCropper, SaliencyCropper, iou, parse_box
+
+RED = Image.new("RGB", (90, 80), (200, 30, 30))
+
+
+def _tiny_cfg(folder, **kw):
+    return MoonConfig(backbone="qwen-vl", source=str(folder), image_size=56, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(moon_tiny):
+    return moon_tiny.cfg.source
+
+
+def test_category_and_attribute_tokens_reach_their_experts_and_others_do_not(moon_tiny):
+    model = moon_tiny.model
+    seen = []
+    experts = model.moe_layers[0].experts
+    hooks = [experts[i].register_forward_hook(lambda m, inp, out, i=i: seen.append((i, inp[0].shape[0])))
+             for i in range(len(experts))]
+    try:
+        batch = [product_segments("red shoe", ["apparel", "shoes"], {"colour": "red"}, [RED], None)]
+        inputs = model.adapter.prepare(batch)
+        types = inputs["token_types"][0]
+        n_cat, n_att = int((types == CATEGORY).sum()), int((types == ATTRIBUTE).sum())
+        with torch.no_grad():
+            model(batch)
+        got = dict(seen)
+        assert got[0] == n_cat and got[1] == n_att and n_cat > 0 and n_att > 0
+        general = sum(n for i, n in seen if i >= 2)
+        assert general == int((types != CATEGORY).sum() - (types == ATTRIBUTE).sum())
+        # queries have no category or attribute spans: the guided experts stay idle
+        seen.clear()
+        with torch.no_grad():
+            model([query_segments("red shoe", RED)])
+        assert {i for i, _ in seen} <= set(range(2, len(experts)))
+    finally:
+        for h in hooks:
+            h.remove()
+    stats = model.routing_stats(reset=True)
+    assert len(stats) == len(model.moe_layers) and all(sum(v) > 0 for v in stats.values())
+    assert all(sum(v) == 0 for v in model.routing_stats().values())
+
+
+@pytest.mark.parametrize("moe_cfg", [moe_mod.MoEConfig(), moe_mod.MoEConfig(n_general=3, top_k=2),
+                                     moe_mod.MoEConfig(shared_expert=True), moe_mod.MoEConfig(low_rank=4)])
+def test_upcycled_experts_leave_the_pretrained_output_unchanged(tiny_folder, moe_cfg):
+    plain = build_model(_tiny_cfg(tiny_folder, use_moe=False)).eval()
+    moe = build_model(_tiny_cfg(tiny_folder, moe=moe_cfg)).eval()
+    batch = [product_segments("red shoe", ["a", "b"], {"k": "v"}, [RED], [RED]), query_segments("x", None)]
+    with torch.no_grad():
+        a, _, _ = plain(batch)
+        b, aux, _ = moe(batch)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert aux.item() > 0  # the load-balancing loss is returned for the trainer
+    n_params = sum(p.numel() for p in moe.parameters())
+    if moe_cfg.low_rank:  # low-rank experts are much smaller than full copies
+        assert n_params < sum(p.numel() for p in build_model(_tiny_cfg(tiny_folder)).parameters())
+
+
+def test_moe_trains_backward(tiny_folder):
+    model = build_model(_tiny_cfg(tiny_folder, lora_rank=4)).train()
+    batch = [product_segments("red shoe", ["a"], {"k": "v"}, [RED], None)]
+    pooled, aux, _ = model(batch)
+    (pooled.pow(2).sum() + aux).backward()
+    gate = model.moe_layers[0].gate.weight.grad
+    cat_expert = next(model.moe_layers[0].experts[0].parameters()).grad
+    assert gate is not None and cat_expert is not None and cat_expert.abs().sum() > 0
+    assert any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_pooling_ignores_padding_and_prompt(moon_tiny):
+    short = Product("mug")
+    long = Product("a very long title " * 8, ["home", "kitchen", "mugs"], {"colour": "blue", "size": "big"}, [RED])
+    alone = moon_tiny.encode_products([short])
+    padded = moon_tiny.encode_products([short, long])  # short is padded to long's length here
+    assert np.allclose(alone[0], padded[0], atol=1e-5)
+    inputs = moon_tiny.model.adapter.prepare(moon_tiny.product_batch([short, long]))
+    assert (inputs["token_types"][0] == PAD).sum() > 10
+
+
+def test_save_load_round_trip_is_bit_exact(moon_tiny, tmp_path):
+    folder = save_pretrained(moon_tiny.model, tmp_path / "ckpt")
+    again = create_encoder(f"moon:{folder}")
+    assert isinstance(again.fingerprint, str) and again.name == f"moon:{folder}"
+    prods = [Product("red shoe", ["apparel"], {"colour": "red"}, [RED])]
+    assert np.array_equal(moon_tiny.encode_products(prods), again.encode_products(prods))
+    a = dict(moon_tiny.model.state_dict())
+    b = dict(load_pretrained(folder).model.state_dict())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_qwen2_5_vl_family_goes_through_the_same_adapter(tmp_path):
+    from moonsearch.models.moon.backbones import save_tiny_qwen_vl
+
+    folder = save_tiny_qwen_vl(tmp_path / "q25", family="qwen2_5_vl")
+    enc = create_encoder(f"moon:{folder}")
+    with_img = enc.encode_queries([Query("red", RED)])
+    other_img = enc.encode_queries([Query("red", Image.new("RGB", (90, 80), (10, 200, 10)))])
+    assert with_img.shape == (1, 64)
+    assert not np.allclose(with_img, other_img)  # image positions are used, not silently dropped
+
+
+@pytest.mark.parametrize("answer,box", [
+    ('[{"bbox_2d": [10, 20, 60, 70], "label": "shoe"}]', (10, 20, 60, 70)),
+    ("<|box_start|>(100,200),(600,700)<|box_end|>", (10, 20, 60, 70)),
+    ("the box is [0.1, 0.2, 0.6, 0.7]", (10, 20, 60, 70)),
+    ('```json\n[{"bbox_2d": [10, 20, 104, 70]}]\n```', (10, 20, 100, 70)),  # small overshoot clipped
+])
+def test_parse_box_understands_grounding_answers(answer, box):
+    assert parse_box(answer, 100, 100) == box
+
+
+@pytest.mark.parametrize("answer", ["", "I cannot see a product", '[{"bbox_2d": [60, 20, 10, 70]}]',
+                                    '[{"bbox_2d": [10, 20, 900, 70]}]', '[{"bbox_2d": "nope"}]', "{not json",
+                                    '[{"bbox_2d": [10, 10, 11, 11]}]', "[1, 2, 3]"])
+def test_parse_box_rejects_malformed_answers(answer):
+    assert parse_box(answer, 100, 100) is None
+
+
+def test_grounding_cropper_falls_back_on_garbage(tmp_path):
+    class Garbage(GroundingCropper):
+        def answer(self, image, title):
+            return "}{ <|box_start|>(oops"
+
+    class Broken(GroundingCropper):
+        def answer(self, image, title):
+            raise RuntimeError("generation failed")
+
+    img = Image.new("RGB", (100, 100), (255, 255, 255))
+    for cls in (Garbage, Broken):
+        c = cls(None, None, fallback=CentreCropper())
+        assert c.box(img, "shoe") == CentreCropper().box(img) and c.fallbacks == 1
+
+
+def test_saliency_cropper_finds_the_product_on_plain_backgrounds():
+    from moonsearch.data.render import render
+    from moonsearch.data.synthetic import sample_specs
+
+    rng = np.random.default_rng(0)
+    scores = []
+    for spec in sample_specs(30, seed=2):
+        img, box = render(spec, rng, 160, "listing")
+        scores.append((iou(SaliencyCropper().box(img), box), iou(CentreCropper().box(img), box)))
+    sal, cen = np.mean(scores, axis=0)
+    assert sal > 0.4 and sal > cen

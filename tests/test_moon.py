@@ -154,3 +154,28 @@ def test_saliency_cropper_finds_the_product_on_plain_backgrounds():
         scores.append((iou(SaliencyCropper().box(img), box), iou(CentreCropper().box(img), box)))
     sal, cen = np.mean(scores, axis=0)
     assert sal > 0.4 and sal > cen
+
+
+def test_crops_are_computed_once_per_image_and_persisted(tmp_path, tiny_folder):
+    from moonsearch.models.moon.encoder import MoonEncoder
+
+    calls = []
+
+    class Counting(CentreCropper):
+        name = "centre"
+
+        def box(self, image, title=""):
+            calls.append(1)
+            return super().box(image, title)
+
+    enc = MoonEncoder(build_model(_tiny_cfg(tiny_folder, cropper="centre")), "t", "f")
+    enc.cropper = Counting()
+    enc.use_crop_cache(tmp_path / "boxes.jsonl")
+    prods = [Product("a", images=[RED, Image.new("RGB", (90, 80), (0, 0, 200))])]
+    first = enc.encode_products(prods)
+    assert np.allclose(enc.encode_products(prods), first) and len(calls) == 2
+    again = MoonEncoder(build_model(_tiny_cfg(tiny_folder, cropper="centre")), "t", "f")
+    again.cropper = Counting()
+    again.use_crop_cache(tmp_path / "boxes.jsonl")
+    again.encode_products(prods)
+    assert len(calls) == 2  # a new process reads the boxes instead of cropping again

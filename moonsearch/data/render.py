@@ -116,14 +116,16 @@ def _distractor_spec(rng, spec: ProductSpec) -> ProductSpec:
                        str(rng.choice(PATTERNS)), "cotton", int(rng.integers(2)), "", "")
 
 
-def render(spec: ProductSpec, rng: np.random.Generator, size: int = 160,
-           kind: str = "listing") -> tuple[Image.Image, tuple[int, int, int, int]]:
-    """One photo of ``spec``; returns (RGB image, core box in pixels)."""
+def render(spec: ProductSpec, rng: np.random.Generator, size: int = 160, kind: str = "listing",
+           backgrounds: list[float] | None = None) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """One photo of ``spec``; returns (RGB image, core box in pixels).
+
+    ``backgrounds``: probabilities of white, gradient, cluttered and photographic backgrounds."""
     if kind == "listing":
-        img = _background(rng, size, [0.3, 0.15, 0.2, 0.35])
+        img = _background(rng, size, backgrounds or [0.3, 0.15, 0.2, 0.35])
         scale = rng.uniform(0.45, 0.9)
     else:
-        img = _background(rng, size, [0.15, 0.15, 0.2, 0.5])
+        img = _background(rng, size, backgrounds or [0.15, 0.15, 0.2, 0.5])
         scale = rng.uniform(0.55, 0.95)
     noisy = rng.random() < (0.5 if kind == "listing" else 0.3)
     # distractors first so the core product is on top of them

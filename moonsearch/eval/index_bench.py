@@ -22,11 +22,12 @@ from moonsearch.data.synthetic import generate_vectors
 from moonsearch.eval.metrics import ann_recall
 from moonsearch.index import faiss_backend as fb
 from moonsearch.index.category import CategoryIndex
+from moonsearch.index.multi import multi_search
 from moonsearch.utils.io import atomic_write_json, atomic_write_text, load_npy
 
 K = 10
 NPROBES = (8, 16, 32, 64)
-RERANKS = (0, 2, 4, 8)
+RERANKS = (0, 4, 8, 16)
 
 
 def _meta(n: int) -> pa.Table:
@@ -78,18 +79,18 @@ def bench_size(n: int, dim: int, work: Path, log=print) -> list[dict]:
     centroids = np.stack([ci.centroid for ci, _ in parts])  # (C, d)
 
     def per_category(p, route=None):
+        cats = [ci for ci, _ in parts]
+
         def search(q):
-            D, I = [], []
-            chosen = parts
-            if route:  # one query at a time in the latency loop; batches route by their first query
-                chosen = [parts[j] for j in np.argsort(-(q[0] @ centroids.T))[:route]]
-            for ci, pos in chosen:
-                d, r = ci.search(q, K, p)
-                D.append(d)
-                I.append(np.where(r >= 0, pos[np.maximum(r, 0)], -1))
-            D, I = np.concatenate(D, 1), np.concatenate(I, 1)
-            top = np.argsort(-D, axis=1)[:, :K]
-            return np.take_along_axis(I, top, 1)
+            chosen = None
+            if route:
+                chosen = [set(r) for r in np.argsort(-(q @ centroids.T), axis=1)[:, :route].tolist()]
+            found = multi_search(cats, q, K, p, chosen)
+            ids = np.full((len(q), K), -1, np.int64)
+            for i, hits in enumerate(found):
+                for j, (_, c, r) in enumerate(hits):
+                    ids[i, j] = parts[c][1][r]
+            return ids
         return search
 
     for nprobe in NPROBES:
@@ -103,9 +104,7 @@ def bench_size(n: int, dim: int, work: Path, log=print) -> list[dict]:
                                                         for r in rows[-len(RERANKS):]))
     for route in (1, 3):
         p = fb.IndexParams()
-        search = per_category(p, route)
-        ids = np.concatenate([search(q[None]) for q in xq])
-        _, p50, p99 = _timed_search(search, xq)
+        ids, p50, p99 = _timed_search(per_category(p, route), xq)
         rows.append(dict(n=n, layout=f"per-category, routed to {route}", factory="/".join(factories),
                          nprobe=p.nprobe, rerank=p.rerank, recall10=ann_recall(ids, exact), p50_ms=p50,
                          p99_ms=p99, build_s=build, bytes_per_vector=mem))

@@ -149,22 +149,38 @@ class CategoryIndex:
         return CategoryIndex.load(self.path)
 
     # ---- searching ---------------------------------------------------------------------------
-    def search(self, xq: np.ndarray, k: int, params: fb.IndexParams | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(nq, d) float32 queries -> (scores (nq, k), rows (nq, k)); rows index ``meta``, -1 = none."""
+    @property
+    def is_pq(self) -> bool:
+        return "PQ" in self.infos["factory"]
+
+    def shortlist_size(self, k: int, p: fb.IndexParams) -> int:
+        """Candidates to fetch for a final top-k: rerank*k for PQ (its scores are approximate), else k."""
+        return k * p.rerank if (self.is_pq and p.rerank > 0) else k
+
+    def approx(self, xq: np.ndarray, n: int, params: fb.IndexParams | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The index's own top-n: (scores (nq, n), rows (nq, n)); PQ scores are approximate; rows -1 = none."""
         assert xq.ndim == 2 and xq.shape[1] == self.infos["dim"], (xq.shape, self.infos["dim"])
         p = params or self.params
         if (p.nprobe, p.ef_search) != (self._active.nprobe, self._active.ef_search):
             fb.configure(self.index, p)
             self._active = p
-        k = min(k, self.index.ntotal)
-        if k == 0:
+        n = min(n, self.index.ntotal)
+        if n == 0:
             return np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64)
-        pq_index = self.infos["factory"].startswith("IVF") and "PQ" in self.infos["factory"]
-        rescore = pq_index and p.rerank > 0  # PQ scores are approximate: rescore from stored vectors
-        shortlist = min(self.index.ntotal, k * p.rerank) if rescore else k
-        D, I = self.index.search(np.ascontiguousarray(xq, np.float32), shortlist)
+        D, I = self.index.search(np.ascontiguousarray(xq, np.float32), n)
         rows = np.where(I >= 0, np.searchsorted(self.seq, np.maximum(I, 0)), -1)
-        if rescore:
+        return D, rows
+
+    def exact(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact inner products of one query (d,) with stored rows (m,) -> (m,)."""
+        return np.asarray(self.vectors[rows], np.float32) @ q.astype(np.float32)
+
+    def search(self, xq: np.ndarray, k: int, params: fb.IndexParams | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(nq, d) float32 queries -> (scores (nq, k), rows (nq, k)); rows index ``meta``, -1 = none.
+        For PQ indices the rerank*k shortlist is rescored exactly from the stored vectors."""
+        p = params or self.params
+        D, rows = self.approx(xq, self.shortlist_size(k, p), p)
+        if self.is_pq and p.rerank > 0 and rows.size:
             cand = np.asarray(self.vectors[np.maximum(rows, 0).ravel()], np.float32).reshape(*rows.shape, -1)
             D = np.einsum("qd,qcd->qc", xq.astype(np.float32), cand)  # exact scores
             D[rows < 0] = -np.inf

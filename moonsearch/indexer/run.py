@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from moonsearch.data.catalog import CatalogRecord, Problem, iter_catalog, write_rejects
-from moonsearch.data.images import ImageError, describe, fingerprint, load_image, resolve_path
+from moonsearch.data.images import ImageError, fingerprint, load_image, resolve_path
 from moonsearch.index.category import CategoryIndex
 from moonsearch.index.faiss_backend import IndexParams
 from moonsearch.index.index_set import EmbeddingCache, IndexSet, category_key, new_manifest, slugify
@@ -154,6 +154,8 @@ def run_index(job: IndexJob, encoder: Encoder | None = None,
     records = list(iter_catalog(catalog, report.problems.append, seen=seen))
     report.rows = len(records) + sum(p.action == "row skipped" for p in report.problems)
     cache = EmbeddingCache(out / "embeddings" / info["fingerprint"])
+    if hasattr(encoder, "use_crop_cache"):  # MOON: core-product boxes are found once per image
+        encoder.use_crop_cache(out / "crops" / f"{encoder.cfg.cropper}.jsonl")
     known_problems = _read_known_problems(cache.folder)
     keys = [content_key(r, base, job.max_images) for r in records]
     todo = [(r, k) for r, k in zip(records, keys) if k not in cache]

@@ -21,6 +21,7 @@ from PIL import Image
 
 from moonsearch.index.faiss_backend import IndexParams
 from moonsearch.index.index_set import IndexSet
+from moonsearch.index.multi import multi_search
 from moonsearch.models.base import Encoder, Query, create_encoder
 
 
@@ -97,21 +98,16 @@ class SearchService:
         xq = np.ascontiguousarray(xq, np.float32)
         assert xq.ndim == 2 and xq.shape[1] == self.index.encoder["dim"], (xq.shape, self.index.encoder["dim"])
         slugs = self._select(categories)
-        extra = len(exclude) if exclude else 0
-        kk = k + extra
-        per_query_slugs = [slugs] * len(xq)
+        kk = k + (len(exclude) if exclude else 0)
+        cats = [self.index.categories[s] for s in slugs]
+        chosen = None
         if route:
-            order = np.argsort(-(xq @ self.centroids[[self.slugs.index(s) for s in slugs]].T), axis=1)[:, :route]
-            per_query_slugs = [[slugs[j] for j in row] for row in order]
-        cands: list[list[tuple[float, str, int]]] = [[] for _ in range(len(xq))]
-        for slug in set(s for qs in per_query_slugs for s in qs):
-            qi = [i for i, qs in enumerate(per_query_slugs) if slug in qs]
-            D, R = self.index.categories[slug].search(xq[qi], kk, params)
-            for row_q, d_row, r_row in zip(qi, D, R):
-                cands[row_q].extend((float(d), slug, int(r)) for d, r in zip(d_row, r_row) if r >= 0)
+            cents = self.centroids[[self.slugs.index(s) for s in slugs]]  # (C, d)
+            chosen = [set(row) for row in np.argsort(-(xq @ cents.T), axis=1)[:, :route].tolist()]
+        found = multi_search(cats, xq, kk, params, chosen)
+        cands = [[(score, slugs[c], row) for score, c, row in per_q] for per_q in found]
         out = []
         for c in cands:
-            c.sort(key=lambda t: -t[0])
             hits = []
             for score, slug, row in c:
                 hit = self._hit(slug, row, score)

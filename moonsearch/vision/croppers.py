@@ -161,4 +161,10 @@ def iou(a: Box, b: Box) -> float:
     return inter / union if union > 0 else 0.0
 
 
-CROPPERS = {"centre": CentreCropper, "saliency": SaliencyCropper}
+def _detector():
+    from moonsearch.vision.detector import DetectorCropper
+
+    return DetectorCropper()
+
+
+CROPPERS = {"centre": CentreCropper, "saliency": SaliencyCropper, "detector": _detector}

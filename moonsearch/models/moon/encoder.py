@@ -34,7 +34,7 @@ class MoonConfig:
     image_size: int = 160
     max_images: int = 4
     use_crops: bool = True  # feed the core-product crop of every image after the image
-    cropper: str = "saliency"
+    cropper: str = "detector"  # core-product cropper: detector (trained box head), saliency, centre
     use_moe: bool = True
     moe: moe_mod.MoEConfig = field(default_factory=moe_mod.MoEConfig)
     projection_dim: int | None = None  # None: the hidden size, no projection
@@ -103,11 +103,36 @@ class MoonEncoder(Encoder):
         from moonsearch.vision.croppers import CROPPERS
 
         self.cropper = CROPPERS[self.cfg.cropper]()
+        self.boxes: dict[str, tuple] = {}  # image content hash -> core box: each image is cropped once
+        self._box_file: Path | None = None
+
+    def use_crop_cache(self, path: str | Path) -> None:
+        """Persist core boxes in a JSON-lines file (the indexer keeps one per index and cropper)."""
+        self._box_file = Path(path)
+        if self._box_file.exists():
+            for line in self._box_file.read_text().splitlines():
+                try:
+                    d = json.loads(line)
+                    self.boxes[d["image"]] = tuple(d["box"])
+                except (ValueError, KeyError):
+                    continue  # a torn last line after a crash
 
     def _crops(self, images, title):
+        from moonsearch.utils.io import append_jsonl
         from moonsearch.vision.croppers import crop
 
-        return [crop(im, self.cropper.box(im, title)) for im in images] if self.cfg.use_crops else None
+        if not self.cfg.use_crops:
+            return None
+        out, new = [], []
+        for im in images:
+            key = f"{self.cropper.name}:" + hashlib.md5(im.tobytes()).hexdigest()
+            if key not in self.boxes:
+                self.boxes[key] = tuple(int(v) for v in self.cropper.box(im, title))
+                new.append({"image": key, "box": list(self.boxes[key])})
+            out.append(crop(im, self.boxes[key]))
+        if new and self._box_file is not None:
+            append_jsonl(new, self._box_file)
+        return out
 
     def product_batch(self, products: Sequence[Product]):
         out = []

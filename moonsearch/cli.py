@@ -146,7 +146,7 @@ def index(
     level: Annotated[Optional[int], typer.Option(help="category depth for the per-category split (default: leaf)")] = None,
     append: Annotated[bool, typer.Option(help="add the catalog's new items to an existing index")] = False,
     nprobe: Annotated[int, typer.Option(help="IVF lists visited per query")] = 32,
-    rerank: Annotated[int, typer.Option(help="exact re-rank of rerank*k PQ candidates (0: off)")] = 4,
+    rerank: Annotated[int, typer.Option(help="exact re-rank of rerank*k PQ candidates (0: off)")] = 8,
     bytes_per_vector: Annotated[Optional[float], typer.Option(help="PQ bytes per vector (default dim/4)")] = None,
     batch_size: Annotated[int, typer.Option(help="encoder batch size")] = 32,
     device: Annotated[Optional[str], typer.Option(help="torch device (default: cuda if present)")] = None,
@@ -255,6 +255,37 @@ def fit_clip_mini(
     fit(out or HEADS_FILE, n=n, seed=seed, epochs=epochs, log=console.print)
 
 
+@app.command()
+@friendly
+def train(
+    preset: Annotated[Optional[str], typer.Option(help="preset: moon-mini-cpu, moon-tiny-test, moon-qwen2.5-vl-3b")] = "moon-mini-cpu",
+    config: Annotated[Optional[Path], typer.Option(help="YAML file with config overrides")] = None,
+    data: Annotated[Optional[str], typer.Option(help="folder with catalog.parquet + behavior.parquet")] = None,
+    out: Annotated[Optional[str], typer.Option(help="runs folder")] = None,
+    run_name: Annotated[Optional[str], typer.Option(help="run folder name (resumes when it exists)")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="optimizer steps")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="global batch size")] = None,
+    queue_size: Annotated[Optional[int], typer.Option(help="past-step negatives (0: off)")] = None,
+    hard_negatives: Annotated[Optional[bool], typer.Option(help="same-category hard negatives")] = None,
+):
+    """Train a MOON checkpoint on a behaviour log (multi-GPU: torchrun -m moonsearch.trainer.loop)."""
+    from moonsearch.trainer.config import load_config
+    from moonsearch.trainer.loop import train as run_training
+
+    cfg = load_config(preset, config, data=data, out=out, run_name=run_name, steps=steps, batch_size=batch_size,
+                      queue_size=queue_size, hard_negatives=hard_negatives)
+    with _progress("training") as prog:
+        def start(total, done):
+            task = prog.add_task("", total=total, completed=done)
+
+            def tick(m):
+                prog.update(task, advance=1, description=f"loss {m['loss']:.3f} lr {m['lr']:.1e}")
+            return tick
+
+        final = run_training(cfg, log=console.print, progress=start)
+    console.print(f"checkpoint: {final}  (use: moonsearch index CATALOG --model moon:{final})")
+
+
 @app.command("fit-detector")
 def fit_detector(
     n: Annotated[int, typer.Option(help="training photos")] = 3000,
@@ -282,7 +313,7 @@ def demo(
     if not (out / "behavior.parquet").exists():
         demo_data(out=out, n=n, seed=0, vectors_only=False, dim=256, image_size=160, workers=None)
     idx = out / "index"
-    index(out / "catalog.parquet", out=idx, model=model, level=None, append=False, nprobe=32, rerank=4,
+    index(out / "catalog.parquet", out=idx, model=model, level=None, append=False, nprobe=32, rerank=8,
           bytes_per_vector=None, batch_size=32, device=None)
     svc = SearchService(idx)
     print_hits(svc.search_text("red sneakers", k=5), "'red sneakers'")

@@ -23,7 +23,7 @@ class IndexParams:
     nprobe: int = 32  # IVF lists visited per query
     hnsw_m: int = 32
     ef_search: int = 128
-    rerank: int = 4  # exact re-rank of rerank*k candidates from stored vectors (0: off)
+    rerank: int = 8  # exact re-rank of the best rerank*k candidates from stored vectors (0: off)
     train_size: int = 100_000  # training sample cap
 
     def to_dict(self) -> dict:

@@ -98,6 +98,11 @@ class IndexSet:
         mine = self.encoder
         if (mine["name"], mine["fingerprint"], mine["dim"]) != (encoder_info["name"], encoder_info["fingerprint"],
                                                                 encoder_info["dim"]):
+            if mine["name"] == encoder_info["name"]:
+                raise IndexMismatch(
+                    f"{self.root} was built with {mine['name']} at fingerprint {mine['fingerprint']}, but that encoder "
+                    f"now has fingerprint {encoder_info['fingerprint']} (its weights or config changed); "
+                    f"rebuild the index with 'moonsearch index ... --model {mine['name']}'")
             raise IndexMismatch(
                 f"{self.root} was built with encoder {mine['name']} (fingerprint {mine['fingerprint']}, "
                 f"dim {mine['dim']}), not {encoder_info['name']} (fingerprint {encoder_info['fingerprint']}, "

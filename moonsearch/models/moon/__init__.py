@@ -26,7 +26,8 @@ def _moon_tiny(device=None):
     folder = cache_dir() / "tiny-qwen2-vl"
     if not (folder / "config.json").exists():
         save_tiny_qwen_vl(folder)
-    return fresh_encoder(MoonConfig(backbone="qwen-vl", source=str(folder), image_size=56), "moon-tiny", device)
+    return fresh_encoder(MoonConfig(backbone="qwen-vl", source=str(folder), image_size=56, cropper="centre"),
+                         "moon-tiny", device)
 
 
 @register(r"moon:(.+)", "moon:<checkpoint folder> (config.json + model.safetensors), or moon:<Qwen-VL hub id "

@@ -1,0 +1,65 @@
+"""Training configuration: a frozen dataclass, YAML presets, and the resolved copy saved in every run."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import yaml
+
+PRESETS = Path(__file__).parent / "presets"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = field(default="moon-mini", metadata={"help": "encoder to start from (registry name)"})
+    data: str = field(default="demo", metadata={"help": "folder with catalog.parquet and behavior.parquet"})
+    out: str = field(default="runs", metadata={"help": "runs folder; the run goes to <out>/<run_name>"})
+    run_name: str = field(default="moon-mini-cpu", metadata={"help": "run folder name (resumes if it exists)"})
+    steps: int = field(default=60, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=8, metadata={"help": "global batch (queries), split over ranks"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    warmup: int = field(default=5, metadata={"help": "linear warm-up steps, then cosine to zero"})
+    clip: float = field(default=1.0, metadata={"help": "gradient norm clipping (0: off)"})
+    temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature (initial, if learnable)"})
+    learnable_temperature: bool = field(default=False, metadata={"help": "learn log(1/t)"})
+    symmetric: bool = field(default=False, metadata={"help": "add the product -> query direction"})
+    in_batch: bool = field(default=True, metadata={"help": "other queries' positives are negatives"})
+    hard_negatives: bool = field(default=True, metadata={"help": "one same-category product per query"})
+    gather: bool = field(default=True, metadata={"help": "products from every rank (all-gather)"})
+    queue_size: int = field(default=64, metadata={"help": "past-step products kept as negatives (0: off)"})
+    mask_groups: bool = field(default=True, metadata={"help": "mask negatives sharing the positive's group"})
+    aux_weight: float = field(default=0.01, metadata={"help": "weight of the MoE load-balancing loss"})
+    modality_mix: tuple[int, int, int] = field(default=(12, 3, 2), metadata={"help": "text : image : text+image"})
+    val_fraction: float = field(default=0.1, metadata={"help": "latest share of training pairs held out"})
+    val_pool: int = field(default=200, metadata={"help": "products in the validation candidate pool"})
+    val_every: int = field(default=20, metadata={"help": "validate every N steps (0: only at the end)"})
+    ckpt_every: int = field(default=20, metadata={"help": "checkpoint every N steps"})
+    trainable: str = field(default="experts", metadata={"help": "experts | experts+lora | all"})
+    lora_rank: int = field(default=0, metadata={"help": "peft LoRA rank on attention (with experts+lora)"})
+    mixed_precision: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA (ignored on CPU)"})
+    seed: int = field(default=0, metadata={"help": "data order, hard negatives and init"})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["modality_mix"] = list(self.modality_mix)
+        return d
+
+
+def load_config(preset: str | None = None, path: str | Path | None = None, **overrides) -> TrainConfig:
+    """Defaults <- preset YAML (by name) <- YAML file <- keyword overrides (None values ignored)."""
+    values: dict = {}
+    for src in ([PRESETS / f"{preset}.yaml"] if preset else []) + ([Path(path)] if path else []):
+        if not src.exists():
+            known = ", ".join(p.stem for p in PRESETS.glob("*.yaml"))
+            raise FileNotFoundError(f"no preset or config {src} (presets: {known})")
+        values.update(yaml.safe_load(src.read_text()) or {})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown training config keys: {', '.join(sorted(unknown))}")
+    if "modality_mix" in values:
+        values["modality_mix"] = tuple(values["modality_mix"])
+    return replace(TrainConfig(), **values)

@@ -1,0 +1,412 @@
+"""The MOON trainer: behaviour pairs -> InfoNCE with in-batch, same-category, cross-rank and queued
+negatives -> a MOON checkpoint that ``moonsearch index --model moon:<run>/final`` uses.
+
+    moonsearch train --preset moon-mini-cpu                       # one process, CPU
+    torchrun --nproc-per-node 2 -m moonsearch.trainer.loop --preset moon-tiny-test   # DDP (gloo on CPU)
+
+Run folder: ``config.yaml`` (resolved), ``metrics.jsonl``, ``loss.png``, ``last/`` (resumable state:
+model + optimizer + step as safetensors and JSON) and ``final/`` (the checkpoint). Re-running the
+same command resumes from ``last/`` with the same data order.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+import yaml
+
+from moonsearch.data.catalog import CatalogRecord, iter_catalog
+from moonsearch.data.images import ImageError, load_image
+from moonsearch.models.moon.encoder import MoonEncoder, save_pretrained
+from moonsearch.models.moon.tokens import product_segments, query_segments
+from moonsearch.trainer.config import TrainConfig
+from moonsearch.training.distributed import all_gather_with_grad, is_distributed, rank_and_world
+from moonsearch.training.losses import false_negative_mask, info_nce
+from moonsearch.training.queue import NegativeQueue, id_hash
+from moonsearch.training.sampler import UniqueBatchSampler
+from moonsearch.utils.io import append_jsonl, atomic_path, atomic_write_json, atomic_write_text
+
+MODALITIES = ("text", "image", "text+image")
+
+
+@dataclass
+class Pair:
+    item_id: str
+    group_id: str | None
+    text: str | None
+    image: str | None
+    modality: str
+    ts: int
+
+
+def load_pairs(data: Path, cfg: TrainConfig) -> tuple[list[Pair], list[Pair]]:
+    """Training pairs (resampled to the modality mix) and validation pairs (the latest by time)."""
+    rows = [b for b in pq.read_table(data / "behavior.parquet").to_pylist() if b["split"] == "train"]
+    rows.sort(key=lambda b: b["timestamp"])
+    groups = {r["item_id"]: r["group_id"] for r in pq.read_table(data / "catalog.parquet",
+                                                                 columns=["item_id", "group_id"]).to_pylist()}
+    pairs = [Pair(b["item_id"], groups.get(b["item_id"]), b["query_text"], b["query_image"], b["modality"],
+                  int(b["timestamp"].timestamp())) for b in rows if b["item_id"] in groups]
+    n_val = int(len(pairs) * cfg.val_fraction)
+    train, val = pairs[:len(pairs) - n_val], pairs[len(pairs) - n_val:]
+    target = np.array(cfg.modality_mix, float) / sum(cfg.modality_mix)
+    have = np.array([sum(p.modality == m for p in train) for m in MODALITIES], float)
+    weight = {m: (t / (h / len(train)) if h else 0.0) for m, t, h in zip(MODALITIES, target, have)}
+    rng = np.random.default_rng([cfg.seed, 11])
+    w = np.array([weight[p.modality] for p in train])
+    picked = rng.choice(len(train), size=len(train), replace=True, p=w / w.sum())
+    return [train[i] for i in sorted(picked)], val
+
+
+class Batches:
+    """Loads images and builds segment lists for pairs, with per-step seeded hard negatives."""
+
+    def __init__(self, data: Path, enc: MoonEncoder, cfg: TrainConfig):
+        self.data, self.enc, self.cfg = data, enc, cfg
+        self.records: dict[str, CatalogRecord] = {r.item_id: r for r in iter_catalog(data / "catalog.parquet", print)}
+        self.by_leaf: dict[tuple, list[str]] = {}
+        for r in self.records.values():
+            self.by_leaf.setdefault(tuple(r.category), []).append(r.item_id)
+
+    def product(self, item_id: str):
+        r = self.records[item_id]
+        imgs = []
+        for ref in r.images[:self.enc.cfg.max_images]:
+            try:
+                imgs.append(load_image(ref, self.data))
+            except ImageError:
+                continue
+        return product_segments(r.title, r.category, r.attributes, imgs, self.enc._crops(imgs, r.title))
+
+    def query(self, p: Pair):
+        return query_segments(p.text, load_image(p.image, self.data) if p.image else None)
+
+    def hard_negative(self, p: Pair, rng: np.random.Generator) -> str | None:
+        pool = [i for i in self.by_leaf[tuple(self.records[p.item_id].category)]
+                if i != p.item_id and (p.group_id is None or self.records[i].group_id != p.group_id)]
+        return str(rng.choice(pool)) if pool else None
+
+
+def _ids(items: list[str], groups: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor([id_hash(i) for i in items]), torch.tensor([id_hash(g) for g in groups])
+
+
+def _gather_ids(t: torch.Tensor) -> torch.Tensor:
+    if not is_distributed():
+        return t
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def set_trainable(enc: MoonEncoder, cfg: TrainConfig) -> list[torch.nn.Parameter]:
+    model = enc.model
+    if cfg.trainable != "all":
+        model.requires_grad_(False)
+        for m in model.moe_layers:
+            m.requires_grad_(True)
+        for extra in (getattr(model.adapter, "projector", None), model.projection):
+            if extra is not None:
+                extra.requires_grad_(True)
+        if cfg.trainable == "experts+lora":
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, log=print):
+        from moonsearch.models.base import create_encoder
+        from moonsearch.models.moon.encoder import apply_lora
+
+        self.cfg, self.log = cfg, log
+        self.rank, self.world = rank_and_world()
+        torch.manual_seed(cfg.seed)
+        self.device = f"cuda:{self.rank % max(1, torch.cuda.device_count())}" if torch.cuda.is_available() else "cpu"
+        self.enc = create_encoder(cfg.model, self.device)
+        if not isinstance(self.enc, MoonEncoder):
+            raise ValueError(f"{cfg.model}: the trainer trains MOON encoders (moon-mini, moon-tiny, moon:...)")
+        if cfg.trainable == "experts+lora" and cfg.lora_rank and not self.enc.cfg.lora_rank:
+            from dataclasses import replace
+
+            apply_lora(self.enc.model, cfg.lora_rank)  # recorded in the model config, so checkpoints reload
+            self.enc.model.cfg = self.enc.cfg = replace(self.enc.cfg, lora_rank=cfg.lora_rank)
+        self.model = self.enc.model.to(self.device)
+        self.params = set_trainable(self.enc, cfg)
+        self.log_t = torch.nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)),
+                                        requires_grad=cfg.learnable_temperature)
+        self.opt = torch.optim.AdamW(self.params + ([self.log_t] if cfg.learnable_temperature else []),
+                                     lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.queue = NegativeQueue(cfg.queue_size, self.model.dim).to(self.device) if cfg.queue_size else None
+        self.data = Path(cfg.data)
+        self.train_pairs, self.val_pairs = load_pairs(self.data, cfg)
+        self.batches = Batches(self.data, self.enc, cfg)
+        self.sampler = UniqueBatchSampler([p.item_id for p in self.train_pairs],
+                                          [p.group_id for p in self.train_pairs],
+                                          cfg.batch_size, cfg.seed, rank=self.rank, world_size=self.world)
+        self.run = Path(cfg.out) / cfg.run_name
+        self.step = 0
+
+    # ---- state -------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if self.queue is not None:
+            out.update({f"queue.{k}": v for k, v in self.queue.state_dict().items()})
+        out["log_t"] = self.log_t.detach()
+        for i, p in enumerate(self.opt.param_groups[0]["params"]):
+            st = self.opt.state.get(p, {})
+            for k, v in st.items():
+                out[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+    def save_state(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.rank != 0:
+            return
+        tmp = self.run / ".last.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(self.state_tensors(), str(tmp / "state.safetensors"))
+        atomic_write_json({"step": self.step, "config": self.cfg.to_dict()}, tmp / "trainer.json")
+        last = self.run / "last"
+        old = self.run / ".last.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if last.exists():
+            os.replace(last, old)
+        os.replace(tmp, last)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load_state(self) -> bool:
+        from safetensors.torch import load_file
+
+        last = self.run / "last"
+        if not (last / "trainer.json").exists():
+            return False
+        st = load_file(str(last / "state.safetensors"))
+        self.model.load_state_dict({k[6:]: v for k, v in st.items() if k.startswith("model.")})
+        if self.queue is not None:
+            self.queue.load_state_dict({k[6:]: v for k, v in st.items() if k.startswith("queue.")})
+        with torch.no_grad():
+            self.log_t.copy_(st["log_t"])
+        for i, p in enumerate(self.opt.param_groups[0]["params"]):
+            keys = {k.split(".", 2)[2]: v for k, v in st.items() if k.startswith(f"opt.{i}.")}
+            if keys:
+                self.opt.state[p] = {k: v.to(self.device) if k != "step" else v for k, v in keys.items()}
+        self.step = json.loads((last / "trainer.json").read_text())["step"]
+        return True
+
+    # ---- one step ----------------------------------------------------------------------------
+    def batch_at(self, step: int) -> list[Pair]:
+        per_epoch = max(1, len(self.sampler))
+        epoch, k = divmod(step, per_epoch)
+        idx = next(self.sampler(epoch, start=k))
+        return [self.train_pairs[i] for i in idx]
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        self.model.train()
+        t0 = time.perf_counter()
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, cfg)
+        totals = {"loss": 0.0, "aux": 0.0}
+        for micro in range(cfg.grad_accum):
+            pairs = self.batch_at(self.step * cfg.grad_accum + micro)
+            rng = np.random.default_rng([cfg.seed, 7, self.step, micro, self.rank])
+            items = [p.item_id for p in pairs]
+            groups = [p.group_id for p in pairs]
+            hard = [self.batches.hard_negative(p, rng) for p in pairs] if cfg.hard_negatives else []
+            hard = [h for h in hard if h is not None]
+            segs = [self.batches.product(i) for i in items + hard]
+            ctx = torch.autocast("cuda", torch.bfloat16) if (cfg.mixed_precision and self.device != "cpu") \
+                else torch.autocast("cpu", enabled=False)
+            with ctx:
+                p_emb, aux, _ = self.model(segs)
+                q_emb, aux_q, _ = self.model([self.batches.query(p) for p in pairs])
+            p_emb, q_emb = F.normalize(p_emb.float(), dim=-1), F.normalize(q_emb.float(), dim=-1)
+            c_items, c_groups = _ids(items + hard, groups + [self.batches.records[h].group_id for h in hard])
+            B = len(pairs)
+            if cfg.gather:
+                cand = all_gather_with_grad(p_emb)
+                c_items, c_groups = _gather_ids(c_items), _gather_ids(c_groups)
+                offset = self.rank * len(p_emb)
+            else:
+                cand, offset = p_emb, 0
+            if not cfg.in_batch:  # keep only each query's own positive among the batch's positives
+                keep = torch.ones(len(cand), dtype=torch.bool)
+                keep[offset:offset + B] = False
+                cand_mask_extra = keep
+            else:
+                cand_mask_extra = None
+            q_items, q_groups = _ids(items, groups)
+            if self.queue is not None and int(self.queue.filled):
+                qv, qi, qg = self.queue.contents()
+                cand = torch.cat([cand, qv])
+                c_items, c_groups = torch.cat([c_items, qi.cpu()]), torch.cat([c_groups, qg.cpu()])
+            pos = torch.arange(B) + offset
+            mask = false_negative_mask(q_items, q_groups, c_items, c_groups, pos, cfg.mask_groups)
+            if cand_mask_extra is not None:
+                extra = torch.zeros_like(mask)
+                extra[:, :len(cand_mask_extra)] = ~cand_mask_extra
+                extra[torch.arange(B), pos] = False
+                mask |= extra
+            temp = 1 / self.log_t.exp()
+            loss = info_nce(q_emb, cand, pos.to(cand.device), mask.to(cand.device), temp, cfg.symmetric)
+            total = loss + cfg.aux_weight * (aux + aux_q)
+            (total / cfg.grad_accum).backward()
+            totals["loss"] += loss.item() / cfg.grad_accum
+            totals["aux"] += float((aux + aux_q).detach()) / cfg.grad_accum
+            if self.queue is not None:
+                n_local = len(p_emb)
+                self.queue.push(cand[:n_local * (self.world if cfg.gather else 1)].detach(),
+                                c_items[:n_local * (self.world if cfg.gather else 1)],
+                                c_groups[:n_local * (self.world if cfg.gather else 1)])
+        if is_distributed():
+            import torch.distributed as dist
+
+            for p in self.params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
+        t1 = time.perf_counter()
+        if cfg.clip:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"step": self.step, "lr": lr_at(self.step - 1, cfg), "temperature": float(1 / self.log_t.exp()),
+                "fwd_bwd_s": t1 - t0, "opt_s": time.perf_counter() - t1,
+                "samples_per_s": cfg.batch_size * cfg.grad_accum / (time.perf_counter() - t0), **totals}
+
+    # ---- validation --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def validate(self) -> dict:
+        """Recall@10 of the validation queries within a fixed pool: their positives + random products."""
+        self.model.eval()
+        rng = np.random.default_rng([self.cfg.seed, 99])
+        pos = sorted({p.item_id for p in self.val_pairs})
+        others = [i for i in self.batches.records if i not in set(pos)]
+        extra = max(0, self.cfg.val_pool - len(pos))
+        pool = pos + list(rng.choice(others, size=min(extra, len(others)), replace=False))
+        P = np.concatenate([self.enc._run([[self.batches.product(i) for i in pool[s:s + 8]]])
+                            for s in range(0, len(pool), 8)])
+        Q = np.concatenate([self.enc._run([[self.batches.query(p) for p in self.val_pairs[s:s + 16]]])
+                            for s in range(0, len(self.val_pairs), 16)])
+        col = {i: j for j, i in enumerate(pool)}
+        S = Q @ P.T
+        target = np.array([col[p.item_id] for p in self.val_pairs])
+        ranks = (S > S[np.arange(len(S)), target][:, None]).sum(1)
+        return {"val_recall@10": float((ranks < 10).mean()), "val_recall@1": float((ranks < 1).mean()),
+                "val_queries": len(self.val_pairs), "val_pool": len(pool)}
+
+
+def plot_metrics(run: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    tr = [r for r in rows if "loss" in r]
+    va = [r for r in rows if "val_recall@10" in r]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax[0].plot([r["step"] for r in tr], [r["loss"] for r in tr])
+    ax[0].set_title("training loss (InfoNCE)")
+    ax[0].set_xlabel("step")
+    ax[1].plot([r["step"] for r in va], [r["val_recall@10"] for r in va], marker="o")
+    ax[1].set_title("validation recall@10")
+    ax[1].set_xlabel("step")
+    ax[1].set_ylim(0, 1)
+    fig.tight_layout()
+    with atomic_path(run / "loss.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig, log=print, progress=None, stop_after: int | None = None) -> Path:
+    """Run (or resume) training; returns the final checkpoint folder. ``stop_after`` ends the call
+    after that many steps of this call (an interruption, for tests)."""
+    tr = Trainer(cfg, log)
+    run = tr.run
+    if tr.rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), run / "config.yaml")
+    if tr.load_state():
+        log(f"resumed {run} at step {tr.step}")
+    elif tr.rank == 0:
+        first = {"step": 0, **tr.validate()}
+        append_jsonl([first], run / "metrics.jsonl")
+        log(f"step 0: validation recall@10 {first['val_recall@10']:.3f}")
+    tick = progress(cfg.steps, tr.step) if progress else None
+    done = 0
+    while tr.step < cfg.steps:
+        m = tr.train_step()
+        done += 1
+        if tr.rank == 0:
+            append_jsonl([m], run / "metrics.jsonl")
+            if tick:
+                tick(m)
+            if cfg.val_every and tr.step % cfg.val_every == 0 and tr.step < cfg.steps:
+                v = {"step": tr.step, **tr.validate()}
+                append_jsonl([v], run / "metrics.jsonl")
+                log(f"step {tr.step}: loss {m['loss']:.3f}, validation recall@10 {v['val_recall@10']:.3f}")
+        if tr.step % cfg.ckpt_every == 0 or tr.step == cfg.steps:
+            tr.save_state()
+        if stop_after is not None and done >= stop_after:
+            return run / "last"
+    final = run / "final"
+    if tr.rank == 0:
+        v = {"step": tr.step, **tr.validate()}
+        append_jsonl([v], run / "metrics.jsonl")
+        log(f"final: validation recall@10 {v['val_recall@10']:.3f}")
+        save_pretrained(tr.model, final, meta={"trained_by": "moonsearch.trainer.loop", "steps": tr.step,
+                                              "config": cfg.to_dict()})
+        plot_metrics(run)
+    return final
+
+
+def main(argv=None) -> None:
+    """Entry point for torchrun: ``python -m moonsearch.trainer.loop --preset NAME [key=value ...]``."""
+    import argparse
+
+    import torch.distributed as dist
+
+    from moonsearch.trainer.config import load_config
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset")
+    ap.add_argument("--config")
+    ap.add_argument("overrides", nargs="*", help="key=value (YAML values)")
+    a = ap.parse_args(argv)
+    over = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in a.overrides)}
+    cfg = load_config(a.preset, a.config, **over)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

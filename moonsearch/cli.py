@@ -362,6 +362,40 @@ def bench_index(
     index_bench.main(sizes, dim, out, log=console.print)
 
 
+@bench_app.command("zero-shot")
+@friendly
+def bench_zero_shot(
+    model: Annotated[list[str], typer.Option(help="encoders to compare (repeatable)")] = ["clip-mini"],
+    data: Annotated[Path, typer.Option(help="catalog.parquet (+ behavior.parquet) folder")] = Path("demo"),
+    limit: Annotated[int, typer.Option(help="catalog products evaluated (those bought in the test split first)")] = 400,
+    out: Annotated[Path, typer.Option(help="where JSON, markdown and PNG go")] = Path("bench-out"),
+    name: Annotated[str, typer.Option(help="report file name stem")] = "zero-shot",
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of the table")] = False,
+):
+    """The paper's zero-shot tasks (retrieval, classification, attribute prediction), models side by side."""
+    from moonsearch.eval import zero_shot
+    from moonsearch.models.base import create_encoder
+
+    results = [zero_shot.evaluate(create_encoder(m), data, limit=limit) for m in model]
+    zero_shot.write(results, out, name)
+    if as_json:
+        print(json.dumps(results, indent=1))
+    else:
+        console.print(zero_shot.table(results), highlight=False, markup=False)
+
+
+@app.command("convert-mbe")
+@friendly
+def convert_mbe(
+    src: Annotated[Path, typer.Argument(help="local MBE parquet or JSON-lines file")],
+    out: Annotated[Path, typer.Option(help="output folder for catalog.parquet")] = Path("mbe"),
+):
+    """Convert a local copy of the MBE benchmark (Daoze/MM-Bench-E-Commerce) to a moonsearch catalog."""
+    from moonsearch.data.mbe import convert
+
+    console.print(f"wrote {convert(src, out)}")
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

@@ -131,3 +131,32 @@ def test_resume_gives_the_same_next_batch_and_weights(train_cfg, tmp_path):
     assert torch.equal(qa, qb)
     ma, mb = resumed.train_step(), straight.train_step()
     assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-4)
+
+
+def test_mbe_layout_converts_and_zero_shot_runs(tmp_path, clip_tiny):
+    """A small file in the MBE layout, written here, through the converter and the zero-shot table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from moonsearch.cli import app
+
+    Image.new("RGB", (40, 40), (200, 0, 0)).save(tmp_path / "a.jpg")
+    rows = {"doc_title": ["red cotton dress", "blue steel mug", "green dress"],
+            "doc_image": ["a.jpg", "a.jpg", None],
+            "doc_industry_name": ["apparel", "home", "apparel"], "doc_cate1_name": ["dresses", "kitchen", "dresses"],
+            "doc_cate2_name": ["midi", "mugs", "midi"], "doc_cate3_name": [None, "", None],
+            "doc_cate4_name": [None, None, None],
+            "doc_attributes": ["颜色:红色;材质:棉", '{"colour": "blue", "material": "steel"}', "colour:green"]}
+    pq.write_table(pa.table(rows), tmp_path / "mbe.parquet")
+    res = CliRunner().invoke(app, ["convert-mbe", str(tmp_path / "mbe.parquet"), "--out", str(tmp_path / "cat")])
+    assert res.exit_code == 0, res.output
+    cat = pq.read_table(tmp_path / "cat" / "catalog.parquet").to_pylist()
+    assert cat[0]["category"] == ["apparel", "dresses", "midi"] and cat[1]["category"] == ["home", "kitchen", "mugs"]
+    assert dict(cat[0]["attributes"]) == {"颜色": "红色", "材质": "棉"} and dict(cat[1]["attributes"])["colour"] == "blue"
+    assert cat[0]["images"][0].endswith("a.jpg") and cat[2]["images"] == []
+    res = CliRunner().invoke(app, ["bench", "zero-shot", "--data", str(tmp_path / "cat"), "--model", "clip-tiny",
+                                   "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    assert "classification level 1" in res.output and (tmp_path / "b" / "zero-shot.png").exists()

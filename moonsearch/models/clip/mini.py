@@ -103,7 +103,7 @@ def initial_heads(cfg: MiniConfig = MiniConfig(), text: MiniLMTextTower | None =
 
 class ClipMini(DualEncoder):
     def __init__(self, heads_path: str | Path | None = None, device: str | None = None):
-        self.device = device or "cpu"
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         path = Path(heads_path) if heads_path else HEADS_FILE
         if not path.exists():
             raise FileNotFoundError(f"clip-mini heads not found at {path}; build them with "

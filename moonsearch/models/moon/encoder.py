@@ -97,7 +97,7 @@ class MoonEncoder(Encoder):
     def __init__(self, model: MoonModel, name: str, fingerprint: str, device: str | None = None):
         self.model = model.eval()
         self.cfg = model.cfg
-        self.device = device or "cpu"
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
         self.name, self.fingerprint, self.dim = name, fingerprint, model.dim
         from moonsearch.vision.croppers import CROPPERS

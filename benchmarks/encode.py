@@ -45,7 +45,7 @@ def moon_split(enc, products, b: int) -> dict:
         t["vision_s"] += t2 - t1
         t["llm_s"] += t3 - t2
         t["pool_s"] += t4 - t3
-    return {k: v / len(products) for k, v in t.items()}
+    return {k.replace("_s", "_ms"): 1000 * v / len(products) for k, v in t.items()}
 
 
 def main() -> None:
@@ -88,10 +88,10 @@ def main() -> None:
             print(f"{name} batch {b}: {rows[-1]['products_per_s']:.1f} products/s, "
                   f"{rows[-1]['text_queries_per_s']:.1f} text queries/s")
     cols = ["model", "batch", "products_per_s", "images_per_s", "text_queries_per_s", "threads"]
-    if any("llm_s" in r for r in rows):
-        cols += ["crop_s", "vision_s", "llm_s", "pool_s"]
+    if any("llm_ms" in r for r in rows):  # MOON: milliseconds per product in each stage
+        cols += ["crop_ms", "vision_ms", "llm_ms", "pool_ms"]
         for r in rows:
-            for c in ("crop_s", "vision_s", "llm_s", "pool_s"):
+            for c in ("crop_ms", "vision_ms", "llm_ms", "pool_ms"):
                 r.setdefault(c, float("nan"))
     md = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
     md += ["| " + " | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |" for r in rows]

@@ -1,6 +1,5 @@
 import http.server
 import io
-import json
 import socket
 import struct
 import threading

@@ -235,7 +235,7 @@ def validate_catalog(path: str | Path, check_images: bool = True, timeout: float
     """Read every row and (optionally) decode every image; nothing is written."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from moonsearch.data.images import ImageError, describe, load_image
+    from moonsearch.data.images import ImageError, load_image
 
     path = Path(path)
     summary = CatalogSummary(rows=open_catalog(path).metadata.num_rows)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from moonsearch.data.world import BRANDS, COLOURS, LEAVES, MARKETING, MATERIALS, PATTERNS, SIZES, ProductSpec
 from moonsearch.utils.io import atomic_write_parquet

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +20,7 @@ from torch import nn
 
 from moonsearch.models.base import Encoder, Product, Query
 from moonsearch.models.moon import moe as moe_mod
-from moonsearch.models.moon.tokens import NAMES, POOLED, product_segments, query_segments
+from moonsearch.models.moon.tokens import POOLED, product_segments, query_segments
 
 FORMAT = "moonsearch-moon/1"
 
@@ -220,12 +220,4 @@ def fresh_encoder(cfg: MoonConfig, name: str, device: str | None = None) -> Moon
     return MoonEncoder(model, name, f"init-{digest}", device)
 
 
-def expert_names(cfg: MoonConfig) -> list[str]:
-    return ["category", "attribute"] + [f"general{i}" for i in range(cfg.moe.n_general)]
-
-
-def with_changes(cfg: MoonConfig, **kw) -> MoonConfig:
-    return replace(cfg, **kw)
-
-
-__all__ = ["MoonConfig", "MoonModel", "MoonEncoder", "NAMES", "save_pretrained", "load_pretrained"]
+__all__ = ["MoonConfig", "MoonModel", "MoonEncoder", "save_pretrained", "load_pretrained"]

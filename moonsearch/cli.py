@@ -181,6 +181,7 @@ def query(
     include_group: Annotated[bool, typer.Option(help="with --product: keep the item's variants")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print hits as JSON")] = False,
     model: Annotated[Optional[str], typer.Option(help="encoder (default: the index's)")] = None,
+    picture: Annotated[Optional[Path], typer.Option(help="also save the hits with their photos as a PNG")] = None,
 ):
     """Search by text, by photo (optionally with text), or by product id."""
     from moonsearch.search.service import SearchService
@@ -200,10 +201,17 @@ def query(
     else:
         hits = svc.search_text(text, **kw)
         label = f"'{text}'"
+    if picture:
+        from moonsearch.search.picture import hits_picture
+
+        query_img = load_image(str(image.resolve())) if image is not None else None
+        hits_picture(hits, label, picture, query_img)
     if as_json:
         print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=1))
         return
     print_hits(hits, label)
+    if picture:
+        console.print(f"picture: {picture}")
 
 
 def print_hits(hits, label: str) -> None:

@@ -47,6 +47,13 @@ def test_three_query_kinds_through_the_cli(tiny_index, world):
     table = _ok(["query", "mug", "--index", str(tiny_index), "-k", "3"])
     assert "score" in table and "title" in table
 
+    from PIL import Image
+
+    pic = world / "hits.png"
+    _ok(["query", "red", "--image", str(img), "--index", str(tiny_index), "-k", "4", "--picture", str(pic)])
+    sheet = Image.open(pic)
+    assert sheet.size[0] == 5 * 180 and sheet.size[1] > 180  # the query photo and four hits in one row
+
 
 def test_category_filter_and_routing(tiny_index, world):
     hits = json.loads(_ok(["query", "shoes", "--index", str(tiny_index), "--json", "-k", "20",

@@ -85,7 +85,9 @@ def plot(results: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for res in results:
         for m, r in [("all", res["all"])] + list(res["by_modality"].items()):
-            ax.plot(KS, [r[f"R@{k}"] for k in KS], marker="o", label=f"{res['encoder']} {m}")
+            route = f" route {res['route']}" if res["route"] else ""
+            ax.plot(KS, [r[f"R@{k}"] for k in KS], marker="o", label=f"{res['encoder']}{route} {m}",
+                    linestyle="--" if route else "-")
     ax.set_xscale("log")
     ax.set_xticks(KS, [str(k) for k in KS])
     ax.set_xlabel("k")

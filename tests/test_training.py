@@ -107,7 +107,7 @@ def test_short_training_improves_validation_recall_and_checkpoint_indexes(train_
     assert val[0]["step"] == 0 and val[-1]["step"] == 8
     assert val[-1]["val_recall@10"] > val[0]["val_recall@10"]
     assert (final.parent / "loss.png").exists() and (final.parent / "config.yaml").exists()
-    assert {"fwd_bwd_s", "opt_s", "samples_per_s", "loss", "lr"} <= set(rows[1])
+    assert {"fwd_bwd_s", "forward_s", "backward_s", "opt_s", "samples_per_s", "loss", "lr"} <= set(rows[1])
     enc = create_encoder(f"moon:{final}")
     run_index(IndexJob(world / "catalog.parquet", tmp_path / "idx", model=f"moon:{final}"), encoder=enc)
     assert len(SearchService(tmp_path / "idx").search_text("blue backpack", k=5)) == 5

@@ -228,7 +228,7 @@ class Trainer:
         t0 = time.perf_counter()
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.step, cfg)
-        totals = {"loss": 0.0, "aux": 0.0}
+        totals = {"loss": 0.0, "aux": 0.0, "forward_s": 0.0, "backward_s": 0.0}
         for micro in range(cfg.grad_accum):
             pairs = self.batch_at(self.step * cfg.grad_accum + micro)
             rng = np.random.default_rng([cfg.seed, 7, self.step, micro, self.rank])
@@ -237,6 +237,7 @@ class Trainer:
             hard = [self.batches.hard_negative(p, rng) for p in pairs] if cfg.hard_negatives else []
             hard = [h for h in hard if h is not None]
             segs = [self.batches.product(i) for i in items + hard]
+            tf = time.perf_counter()  # forward time counts from here: data loading and crops are before
             ctx = torch.autocast("cuda", torch.bfloat16) if (cfg.mixed_precision and self.device != "cpu") \
                 else torch.autocast("cpu", enabled=False)
             with ctx:
@@ -272,7 +273,10 @@ class Trainer:
             temp = 1 / self.log_t.exp()
             loss = info_nce(q_emb, cand, pos.to(cand.device), mask.to(cand.device), temp, cfg.symmetric)
             total = loss + cfg.aux_weight * (aux + aux_q)
+            tb = time.perf_counter()
             (total / cfg.grad_accum).backward()
+            totals["backward_s"] += time.perf_counter() - tb
+            totals["forward_s"] += tb - tf
             totals["loss"] += loss.item() / cfg.grad_accum
             totals["aux"] += float((aux + aux_q).detach()) / cfg.grad_accum
             if self.queue is not None:
@@ -294,7 +298,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         return {"step": self.step, "lr": lr_at(self.step - 1, cfg), "temperature": float(1 / self.log_t.exp()),
-                "fwd_bwd_s": t1 - t0, "opt_s": time.perf_counter() - t1,
+                "fwd_bwd_s": t1 - t0, "opt_s": time.perf_counter() - t1,  # fwd_bwd_s includes data loading
                 "samples_per_s": cfg.batch_size * cfg.grad_accum / (time.perf_counter() - t0), **totals}
 
     # ---- validation --------------------------------------------------------------------------

@@ -69,17 +69,24 @@ class DetectorCropper:
         self.head.load_state_dict(load_file(str(path)))
         self.head.eval()
 
-    @torch.inference_mode()
     def box(self, image, title=""):
+        return self.boxes([image])[0]
+
+    @torch.inference_mode()
+    def boxes(self, images, batch_size: int = 32) -> list[tuple[int, int, int, int]]:
+        """Boxes for many images, run through the backbone in batches."""
         if self.fallback is not None:
-            return self.fallback.box(image, title)
-        w, h = image.size
-        x = pil_to_tensor([image.resize((SIZE, SIZE))], SIZE, eff.MEAN, eff.STD)
-        b = to_xyxy(self.head(self.backbone.feature_map(x)))[0].clamp(0, 1).tolist()
-        box = (int(b[0] * w), int(b[1] * h), int(np.ceil(b[2] * w)), int(np.ceil(b[3] * h)))
-        if box[2] - box[0] < 4 or box[3] - box[1] < 4:
-            return SaliencyCropper().box(image, title)
-        return box
+            return [self.fallback.box(im) for im in images]
+        out = []
+        for s in range(0, len(images), batch_size):
+            part = images[s:s + batch_size]
+            x = pil_to_tensor([im.resize((SIZE, SIZE)) for im in part], SIZE, eff.MEAN, eff.STD)
+            pred = to_xyxy(self.head(self.backbone.feature_map(x))).clamp(0, 1).tolist()
+            for im, b in zip(part, pred):
+                w, h = im.size
+                box = (int(b[0] * w), int(b[1] * h), int(np.ceil(b[2] * w)), int(np.ceil(b[3] * h)))
+                out.append(box if box[2] - box[0] >= 4 and box[3] - box[1] >= 4 else SaliencyCropper().box(im))
+        return out
 
 
 def fit(n: int = 3000, seed: int = 4242, epochs: int = 60, out: Path = HEAD_FILE, log=print) -> Path:

@@ -117,29 +117,41 @@ class MoonEncoder(Encoder):
                 except (ValueError, KeyError):
                     continue  # a torn last line after a crash
 
-    def _crops(self, images, title):
+    def _key(self, im) -> str:
+        return f"{self.cropper.name}:" + hashlib.md5(im.tobytes()).hexdigest()
+
+    def _find_boxes(self, images, titles) -> None:
+        """Boxes for the images not cached yet, in one batch when the cropper supports it."""
         from moonsearch.utils.io import append_jsonl
+
+        todo = [(k, im, t) for im, t in zip(images, titles) if (k := self._key(im)) not in self.boxes]
+        if not todo:
+            return
+        if hasattr(self.cropper, "boxes"):
+            found = self.cropper.boxes([im for _, im, _ in todo])
+        else:
+            found = [self.cropper.box(im, t) for _, im, t in todo]
+        new = []
+        for (k, _, _), b in zip(todo, found):
+            self.boxes[k] = tuple(int(v) for v in b)
+            new.append({"image": k, "box": list(self.boxes[k])})
+        if self._box_file is not None:
+            append_jsonl(new, self._box_file)
+
+    def _crops(self, images, title):
         from moonsearch.vision.croppers import crop
 
         if not self.cfg.use_crops:
             return None
-        out, new = [], []
-        for im in images:
-            key = f"{self.cropper.name}:" + hashlib.md5(im.tobytes()).hexdigest()
-            if key not in self.boxes:
-                self.boxes[key] = tuple(int(v) for v in self.cropper.box(im, title))
-                new.append({"image": key, "box": list(self.boxes[key])})
-            out.append(crop(im, self.boxes[key]))
-        if new and self._box_file is not None:
-            append_jsonl(new, self._box_file)
-        return out
+        self._find_boxes(images, [title] * len(images))
+        return [crop(im, self.boxes[self._key(im)]) for im in images]
 
     def product_batch(self, products: Sequence[Product]):
-        out = []
-        for p in products:
-            imgs = list(p.images[:self.cfg.max_images])
-            out.append(product_segments(p.title, p.category, p.attributes, imgs, self._crops(imgs, p.title)))
-        return out
+        imgs = [list(p.images[:self.cfg.max_images]) for p in products]
+        if self.cfg.use_crops:  # every box of the batch in one go
+            self._find_boxes([im for ims in imgs for im in ims], [p.title for p, ims in zip(products, imgs) for _ in ims])
+        return [product_segments(p.title, p.category, p.attributes, ims, self._crops(ims, p.title))
+                for p, ims in zip(products, imgs)]
 
     @torch.inference_mode()
     def _run(self, batches) -> np.ndarray:

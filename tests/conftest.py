@@ -25,20 +25,6 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def clip_tiny():
-    from moonsearch.models.base import create_encoder
-
-    return create_encoder("clip-tiny")
-
-
-@pytest.fixture(scope="session")
-def clip_mini():
-    from moonsearch.models.base import create_encoder
-
-    return create_encoder("clip-mini")
-
-
-@pytest.fixture(scope="session")
 def tiny_index(world, clip_tiny, tmp_path_factory):
     """The world indexed with clip-tiny."""
     from moonsearch.indexer.run import IndexJob, run_index
@@ -56,15 +42,17 @@ def structured_vectors(n: int, d: int, seed: int = 0, clusters: int = 40) -> np.
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-@pytest.fixture(scope="session")
-def moon_tiny():
-    from moonsearch.models.base import create_encoder
+def _encoder(name: str):
+    """A session fixture holding the registry's encoder ``name``, built once."""
 
-    return create_encoder("moon-tiny")
+    @pytest.fixture(scope="session")
+    def fixture():
+        from moonsearch.models.base import create_encoder
+
+        return create_encoder(name)
+
+    return fixture
 
 
-@pytest.fixture(scope="session")
-def moon_mini():
-    from moonsearch.models.base import create_encoder
-
-    return create_encoder("moon-mini")
+clip_tiny, clip_mini = _encoder("clip-tiny"), _encoder("clip-mini")
+moon_tiny, moon_mini = _encoder("moon-tiny"), _encoder("moon-mini")

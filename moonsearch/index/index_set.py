@@ -37,7 +37,7 @@ def category_key(path: list[str], level: int | None) -> list[str]:
 class EmbeddingCache:
     """Append-only shards of (content key, float16 vector); safe to interrupt at any point."""
 
-    def __init__(self, folder: Path, dim: int | None = None):
+    def __init__(self, folder: Path):
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.vectors: dict[str, np.ndarray] = {}

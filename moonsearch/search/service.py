@@ -56,6 +56,7 @@ class SearchService:
         self.slugs = sorted(self.index.categories)
         self.centroids = np.stack([self.index.categories[s].centroid for s in self.slugs])  # (C, d)
         self._item_loc: dict[str, tuple[str, int]] | None = None
+        self._groups: dict[str, list[str]] = {}
 
     @property
     def encoder(self) -> Encoder:
@@ -137,18 +138,17 @@ class SearchService:
                    m["group_id"], m["images"] or [], json.loads(m["extra"] or "{}"))
 
     def _locate(self, item_id: str) -> tuple[str, int]:
-        if self._item_loc is None:
-            self._item_loc = {}
+        if self._item_loc is None:  # built once: item -> (category, row) and group -> items
+            self._item_loc, self._groups = {}, {}
             for slug, cat in self.index.categories.items():
-                for row, iid in enumerate(cat.meta.column("item_id").to_pylist()):
+                ids = cat.meta.column("item_id").to_pylist()
+                for row, (iid, g) in enumerate(zip(ids, cat.meta.column("group_id").to_pylist())):
                     self._item_loc[iid] = (slug, row)
+                    if g:
+                        self._groups.setdefault(g, []).append(iid)
         if item_id not in self._item_loc:
             raise KeyError(f"item {item_id!r} is not in the index {self.index.root}")
         return self._item_loc[item_id]
 
     def _group_members(self, group: str) -> list[str]:
-        out = []
-        for cat in self.index.categories.values():
-            ids = cat.meta.column("item_id").to_pylist()
-            out.extend(i for i, g in zip(ids, cat.meta.column("group_id").to_pylist()) if g == group)
-        return out
+        return self._groups.get(group, [])

@@ -252,12 +252,6 @@ class Trainer:
                 offset = self.rank * len(p_emb)
             else:
                 cand, offset = p_emb, 0
-            if not cfg.in_batch:  # keep only each query's own positive among the batch's positives
-                keep = torch.ones(len(cand), dtype=torch.bool)
-                keep[offset:offset + B] = False
-                cand_mask_extra = keep
-            else:
-                cand_mask_extra = None
             q_items, q_groups = _ids(items, groups)
             if self.queue is not None and int(self.queue.filled):
                 qv, qi, qg = self.queue.contents()
@@ -265,11 +259,8 @@ class Trainer:
                 c_items, c_groups = torch.cat([c_items, qi.cpu()]), torch.cat([c_groups, qg.cpu()])
             pos = torch.arange(B) + offset
             mask = false_negative_mask(q_items, q_groups, c_items, c_groups, pos, cfg.mask_groups)
-            if cand_mask_extra is not None:
-                extra = torch.zeros_like(mask)
-                extra[:, :len(cand_mask_extra)] = ~cand_mask_extra
-                extra[torch.arange(B), pos] = False
-                mask |= extra
+            if not cfg.in_batch:  # the other queries' positives are not used as negatives
+                mask[:, offset:offset + B] |= ~torch.eye(B, dtype=torch.bool)
             temp = 1 / self.log_t.exp()
             loss = info_nce(q_emb, cand, pos.to(cand.device), mask.to(cand.device), temp, cfg.symmetric)
             total = loss + cfg.aux_weight * (aux + aux_q)

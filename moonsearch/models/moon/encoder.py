@@ -117,41 +117,42 @@ class MoonEncoder(Encoder):
                 except (ValueError, KeyError):
                     continue  # a torn last line after a crash
 
-    def _key(self, im) -> str:
-        return f"{self.cropper.name}:" + hashlib.md5(im.tobytes()).hexdigest()
-
-    def _find_boxes(self, images, titles) -> None:
-        """Boxes for the images not cached yet, in one batch when the cropper supports it."""
+    def _boxes(self, images, titles) -> list[tuple]:
+        """Core boxes of ``images``: cached ones reused, the rest found in one batch when the cropper
+        supports it (and appended to the crop cache file). Each image is hashed once."""
         from moonsearch.utils.io import append_jsonl
 
-        todo = [(k, im, t) for im, t in zip(images, titles) if (k := self._key(im)) not in self.boxes]
-        if not todo:
-            return
-        if hasattr(self.cropper, "boxes"):
-            found = self.cropper.boxes([im for _, im, _ in todo])
-        else:
-            found = [self.cropper.box(im, t) for _, im, t in todo]
-        new = []
-        for (k, _, _), b in zip(todo, found):
-            self.boxes[k] = tuple(int(v) for v in b)
-            new.append({"image": k, "box": list(self.boxes[k])})
-        if self._box_file is not None:
-            append_jsonl(new, self._box_file)
+        keys = [f"{self.cropper.name}:" + hashlib.md5(im.tobytes()).hexdigest() for im in images]
+        todo = [(k, im, t) for k, im, t in zip(keys, images, titles) if k not in self.boxes]
+        if todo:
+            if hasattr(self.cropper, "boxes"):
+                found = self.cropper.boxes([im for _, im, _ in todo])
+            else:
+                found = [self.cropper.box(im, t) for _, im, t in todo]
+            for (k, _, _), b in zip(todo, found):
+                self.boxes[k] = tuple(int(v) for v in b)
+            if self._box_file is not None:
+                append_jsonl([{"image": k, "box": list(self.boxes[k])} for k, _, _ in todo], self._box_file)
+        return [self.boxes[k] for k in keys]
 
     def _crops(self, images, title):
         from moonsearch.vision.croppers import crop
 
         if not self.cfg.use_crops:
             return None
-        self._find_boxes(images, [title] * len(images))
-        return [crop(im, self.boxes[self._key(im)]) for im in images]
+        return [crop(im, b) for im, b in zip(images, self._boxes(images, [title] * len(images)))]
 
     def product_batch(self, products: Sequence[Product]):
+        from moonsearch.vision.croppers import crop
+
         imgs = [list(p.images[:self.cfg.max_images]) for p in products]
+        crops: list = [None] * len(products)
         if self.cfg.use_crops:  # every box of the batch in one go
-            self._find_boxes([im for ims in imgs for im in ims], [p.title for p, ims in zip(products, imgs) for _ in ims])
-        return [product_segments(p.title, p.category, p.attributes, ims, self._crops(ims, p.title))
-                for p, ims in zip(products, imgs)]
+            boxes = iter(self._boxes([im for ims in imgs for im in ims],
+                                     [p.title for p, ims in zip(products, imgs) for _ in ims]))
+            crops = [[crop(im, next(boxes)) for im in ims] for ims in imgs]
+        return [product_segments(p.title, p.category, p.attributes, ims, c)
+                for p, ims, c in zip(products, imgs, crops)]
 
     @torch.inference_mode()
     def _run(self, batches) -> np.ndarray:

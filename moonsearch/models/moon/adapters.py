@@ -127,18 +127,47 @@ class ComposedAdapter(BackboneAdapter):
         self.projector = nn.Sequential(nn.Linear(vision_dim, self.hidden_size), nn.GELU(),
                                        nn.Linear(self.hidden_size, self.hidden_size))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # image content hash -> pooled features; used while the vision tower is frozen (the trainer
+        # turns it on: every epoch and every validation sees the same photos again)
+        self.feature_cache: dict[str, torch.Tensor] | None = None
 
     def decoder_layers(self) -> list[nn.Module]:
         return list(self.lm.layers)
 
-    def visual_tokens(self, images) -> torch.Tensor:
-        """(n, grid*grid, H): the feature map pooled to a grid, projected into the LM's space."""
+    def vision_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.vision.parameters())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.vision_frozen():
+            self.vision.eval()  # a frozen tower keeps its batch-norm statistics
+        return self
+
+    def _pooled(self, images) -> torch.Tensor:
         from moonsearch.models import efficientnet_lite as eff
         from moonsearch.models.towers import pil_to_tensor
 
         x = pil_to_tensor(images, self.image_size, eff.MEAN, eff.STD).to(self.projector[0].weight.device)
         fmap = self.vision.feature_map(x)  # (n, 1280, h, w)
-        pooled = nn.functional.adaptive_avg_pool2d(fmap, self.grid).flatten(2).transpose(1, 2)  # (n, g*g, 1280)
+        return nn.functional.adaptive_avg_pool2d(fmap, self.grid).flatten(2).transpose(1, 2)  # (n, g*g, 1280)
+
+    def visual_tokens(self, images) -> torch.Tensor:
+        """(n, grid*grid, H): the feature map pooled to a grid, projected into the LM's space."""
+        if not self.vision_frozen():
+            return self.projector(self._pooled(images))
+        with torch.no_grad():
+            if self.feature_cache is None:
+                pooled = self._pooled(images)
+            else:
+                import hashlib
+
+                keys = [hashlib.md5(im.tobytes()).hexdigest() + f"{im.size}{im.mode}" for im in images]
+                todo = list(dict.fromkeys(k for k in keys if k not in self.feature_cache))
+                if todo:
+                    first = {k: i for i, k in reversed(list(enumerate(keys)))}
+                    for k, f in zip(todo, self._pooled([images[first[k]] for k in todo])):
+                        self.feature_cache[k] = f
+                pooled = torch.stack([self.feature_cache[k] for k in keys])
         return self.projector(pooled)
 
     def prepare(self, batch):

@@ -31,6 +31,7 @@ class MoEConfig:
     shared_expert: bool = False  # keep the pretrained FFN as an always-on expert
     low_rank: int = 0  # >0: experts are rank-r deltas on the shared FFN instead of full copies
     layers: tuple[int, ...] | None = None  # decoder layers to convert (None = all)
+    guided: bool = True  # False (an ablation): category/attribute tokens go through the gate like the rest
 
 
 class LowRankExpert(nn.Module):
@@ -64,6 +65,12 @@ class GuidedMoE(nn.Module):
         self.aux_loss = torch.zeros(())
         self.counts = torch.zeros(n, dtype=torch.long)  # tokens routed to each expert, since reset
 
+    def unfreeze(self) -> None:
+        """Make the experts and the gate trainable; low-rank experts leave the shared pretrained FFN frozen."""
+        self.requires_grad_(True)
+        if self.cfg.low_rank:
+            self.shared.requires_grad_(False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H)
         B, T, H = x.shape
         tt = self.token_types
@@ -71,6 +78,8 @@ class GuidedMoE(nn.Module):
             raise RuntimeError("GuidedMoE needs the token-type map of this batch (set .token_types)")
         flat = x.reshape(-1, H)  # (B*T, H)
         types = tt.reshape(-1).to(x.device)
+        if not self.cfg.guided:
+            types = torch.zeros_like(types)  # every token is routed by the gate
         out = torch.zeros_like(flat)
         counts = torch.zeros(len(self.experts), dtype=torch.long)
         for e, kind in ((0, CATEGORY), (1, ATTRIBUTE)):

@@ -38,11 +38,13 @@ def product_segments(title: str, category: list[str], attributes: dict[str, str]
     return segs
 
 
-def query_segments(text: str | None, image: Image.Image | None) -> list[Segment]:
-    """``Query: <img> <text>``: queries carry no category or attribute spans."""
+def query_segments(text: str | None, image: Image.Image | None, crop: Image.Image | None = None) -> list[Segment]:
+    """``Query: <img><crop> <text>``: queries carry no category or attribute spans."""
     segs = [Segment(PROMPT, "Query:")]
     if image is not None:
         segs.append(Segment(IMAGE, image=image))
+        if crop is not None:
+            segs.append(Segment(CROP, image=crop))
     if text:
         segs.append(Segment(TEXT, " " + text))
     return segs

@@ -105,6 +105,8 @@ class ClipMini(DualEncoder):
     def __init__(self, heads_path: str | Path | None = None, device: str | None = None):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         path = Path(heads_path) if heads_path else HEADS_FILE
+        if path.is_dir():  # a trainer checkpoint folder (moonsearch train --preset clip-finetune)
+            path = path / "heads.safetensors"
         if not path.exists():
             raise FileNotFoundError(f"clip-mini heads not found at {path}; build them with "
                                     "'moonsearch fit-clip-mini' (about 3 minutes on 2 cores)")

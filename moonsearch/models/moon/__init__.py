@@ -5,36 +5,71 @@ from pathlib import Path
 
 from moonsearch.models.base import register
 
+ASSETS = Path(__file__).parent / "assets"
+MINI_CHECKPOINT = ASSETS / "moon-mini"  # trained weights only (experts, gates, projector, LoRA): a few MB
+
 # moon-mini: EfficientNet-Lite0 + SmolLM2-135M cut to 6 of 30 layers, 4 visual tokens per image, crops,
-# guided MoE (category, attribute, 2 general experts, top-1) in every kept layer. See benchmarks/encode.py.
+# guided MoE (category, attribute, 2 general experts, top-1; rank-32 experts on the shared pretrained FFN)
+# in every kept layer. See benchmarks/encode.py.
 MINI = dict(backbone="composed", source="smollm2-135m", num_layers=6, grid=2, image_size=160)
+MINI_MOE = dict(low_rank=32)
 
 
-@register(r"moon-mini", "offline MOON: EfficientNet-Lite0 + SmolLM2-135M (6 layers), guided MoE, crops")
-def _moon_mini(device=None):
-    from moonsearch.models.moon.encoder import MoonConfig, fresh_encoder
+def builtin_config(name: str):
+    """The MoonConfig behind a builtin untrained name (``moon-mini-base``, ``moon-tiny``) or a Qwen-VL
+    id/folder (``moon:<id>``); None for checkpoints and other encoders."""
+    from moonsearch.models.moon.encoder import MoonConfig, is_checkpoint
+    from moonsearch.models.moon.moe import MoEConfig
 
-    return fresh_encoder(MoonConfig(**MINI), "moon-mini", device)
+    if name == "moon-mini-base":
+        return MoonConfig(**MINI, moe=MoEConfig(**MINI_MOE))
+    if name == "moon-tiny":
+        return MoonConfig(backbone="qwen-vl", source=str(_tiny_folder()), image_size=56, cropper="centre")
+    if name.startswith("moon:") and not (Path(name[5:]).is_dir() and is_checkpoint(Path(name[5:]))):
+        return MoonConfig(backbone="qwen-vl", source=name[5:], image_size=224)
+    return None
 
 
-@register(r"moon-tiny", "tiny random Qwen2-VL with guided MoE, for tests (built once into the cache folder)")
-def _moon_tiny(device=None):
+def _tiny_folder() -> Path:
     from moonsearch.models.clip import cache_dir
     from moonsearch.models.moon.backbones import save_tiny_qwen_vl
-    from moonsearch.models.moon.encoder import MoonConfig, fresh_encoder
 
     folder = cache_dir() / "tiny-qwen2-vl"
     if not (folder / "config.json").exists():
         save_tiny_qwen_vl(folder)
-    return fresh_encoder(MoonConfig(backbone="qwen-vl", source=str(folder), image_size=56, cropper="centre"),
-                         "moon-tiny", device)
+    return folder
+
+
+@register(r"moon-mini", "offline MOON, trained: EfficientNet-Lite0 + SmolLM2-135M (6 layers), guided MoE, crops "
+          "(weights from 'moonsearch train --preset moon-mini-cpu', committed)")
+def _moon_mini(device=None):
+    from moonsearch.models.moon.encoder import load_pretrained
+
+    if not (MINI_CHECKPOINT / "config.json").exists():
+        raise FileNotFoundError(f"moon-mini's trained weights are missing ({MINI_CHECKPOINT}); rebuild them with "
+                                "'moonsearch train --preset moon-mini-cpu --publish'")
+    return load_pretrained(MINI_CHECKPOINT, device, name="moon-mini")
+
+
+@register(r"moon-mini-base", "moon-mini before training (pretrained towers, upcycled experts, seeded projector)")
+def _moon_mini_base(device=None):
+    from moonsearch.models.moon.encoder import fresh_encoder
+
+    return fresh_encoder(builtin_config("moon-mini-base"), "moon-mini-base", device)
+
+
+@register(r"moon-tiny", "tiny random Qwen2-VL with guided MoE, for tests (built once into the cache folder)")
+def _moon_tiny(device=None):
+    from moonsearch.models.moon.encoder import fresh_encoder
+
+    return fresh_encoder(builtin_config("moon-tiny"), "moon-tiny", device)
 
 
 @register(r"moon:(.+)", "moon:<checkpoint folder> (config.json + model.safetensors), or moon:<Qwen-VL hub id "
           "or folder> for an untrained MOON on that backbone")
 def _moon(spec, device=None):
-    from moonsearch.models.moon.encoder import MoonConfig, fresh_encoder, is_checkpoint, load_pretrained
+    from moonsearch.models.moon.encoder import fresh_encoder, is_checkpoint, load_pretrained
 
     if Path(spec).is_dir() and is_checkpoint(Path(spec)):
         return load_pretrained(spec, device)
-    return fresh_encoder(MoonConfig(backbone="qwen-vl", source=spec, image_size=224), f"moon:{spec}", device)
+    return fresh_encoder(builtin_config(f"moon:{spec}"), f"moon:{spec}", device)

@@ -34,6 +34,7 @@ class MoonConfig:
     image_size: int = 160
     max_images: int = 4
     use_crops: bool = True  # feed the core-product crop of every image after the image
+    crop_queries: bool = True  # query photos get their crop too (with use_crops), as product photos do
     cropper: str = "detector"  # core-product cropper: detector (trained box head), saliency, centre
     use_moe: bool = True
     moe: moe_mod.MoEConfig = field(default_factory=moe_mod.MoEConfig)
@@ -163,10 +164,20 @@ class MoonEncoder(Encoder):
         products = list(products)
         return self._run(self.product_batch(products[s:s + batch_size]) for s in range(0, len(products), batch_size))
 
+    def query_batch(self, queries: Sequence[Query]):
+        from moonsearch.vision.croppers import crop
+
+        crops: list = [None] * len(queries)
+        if self.cfg.use_crops and self.cfg.crop_queries:
+            have = [k for k, q in enumerate(queries) if q.image is not None]
+            boxes = self._boxes([queries[k].image for k in have], [queries[k].text or "" for k in have])
+            for k, b in zip(have, boxes):
+                crops[k] = crop(queries[k].image, b)
+        return [query_segments(q.text, q.image, c) for q, c in zip(queries, crops)]
+
     def encode_queries(self, queries: Sequence[Query], batch_size: int = 16) -> np.ndarray:
         queries = list(queries)
-        return self._run([query_segments(q.text, q.image) for q in queries[s:s + batch_size]]
-                         for s in range(0, len(queries), batch_size))
+        return self._run(self.query_batch(queries[s:s + batch_size]) for s in range(0, len(queries), batch_size))
 
 
 # ---- building and checkpoints -------------------------------------------------------------------
@@ -189,23 +200,36 @@ def apply_lora(model: MoonModel, rank: int) -> None:
                                                                                        "o_proj"]), lm)
     # peft freezes everything it did not add; the experts, gates and projector are trained too
     for m in model.moe_layers:
-        m.requires_grad_(True)
+        m.unfreeze()
     for extra in (getattr(model.adapter, "projector", None), model.projection):
         if extra is not None:
             extra.requires_grad_(True)
 
 
-def save_pretrained(model: MoonModel, folder: str | Path, meta: dict | None = None) -> Path:
+def save_pretrained(model: MoonModel, folder: str | Path, meta: dict | None = None, trained_only: bool = False,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors``. With ``trained_only`` only the parameters that
+    training changes are stored (those with requires_grad: experts, gates, projector, LoRA); loading
+    rebuilds the rest from the backbone's packaged weights, which is what keeps moon-mini's trained
+    checkpoint a few MB. ``dtype`` (e.g. float16) shrinks the stored floating-point tensors."""
     from safetensors.torch import save_file
 
     from moonsearch.utils.io import atomic_path, atomic_write_json
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    if trained_only:
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in trained}
+        if not state:
+            raise ValueError("trained_only: no parameter requires grad, nothing to save")
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+             for k, v in state.items()}
     with atomic_path(folder / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT})
-    atomic_write_json({"format": FORMAT, "moon": model.cfg.to_dict(), "meta": meta or {}}, folder / "config.json")
+    atomic_write_json({"format": FORMAT, "moon": model.cfg.to_dict(), "weights": "trained" if trained_only else "all",
+                       "meta": meta or {}}, folder / "config.json")
     return folder
 
 
@@ -214,16 +238,24 @@ def is_checkpoint(folder: Path) -> bool:
     return f.exists() and json.loads(f.read_text()).get("format") == FORMAT
 
 
-def load_pretrained(folder: str | Path, device: str | None = None) -> MoonEncoder:
+def load_pretrained(folder: str | Path, device: str | None = None, name: str | None = None) -> MoonEncoder:
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    cfg = MoonConfig.from_dict(json.loads((folder / "config.json").read_text())["moon"])
+    conf = json.loads((folder / "config.json").read_text())
+    cfg = MoonConfig.from_dict(conf["moon"])
     model = build_model(cfg)
     weights = folder / "model.safetensors"
-    model.load_state_dict(load_file(str(weights)), strict=True)
+    own = model.state_dict()
+    state = {k: v.to(own[k].dtype) if k in own else v for k, v in load_file(str(weights)).items()}
+    if conf.get("weights") == "trained":  # the rest comes from the backbone's own weights
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ValueError(f"{weights}: tensors the model does not have: {', '.join(unexpected[:5])}")
+    else:
+        model.load_state_dict(state, strict=True)
     digest = hashlib.sha1(weights.read_bytes()).hexdigest()[:16]
-    return MoonEncoder(model, f"moon:{folder}", digest, device)
+    return MoonEncoder(model, name or f"moon:{folder}", digest, device)
 
 
 def fresh_encoder(cfg: MoonConfig, name: str, device: str | None = None) -> MoonEncoder:

@@ -266,8 +266,12 @@ def fit_clip_mini(
 @app.command()
 @friendly
 def train(
-    preset: Annotated[Optional[str], typer.Option(help="preset: moon-mini-cpu, moon-tiny-test, moon-qwen2.5-vl-3b")] = "moon-mini-cpu",
+    preset: Annotated[Optional[str], typer.Option(help="preset (moonsearch/trainer/presets): moon-mini-cpu, "
+                                                  "clip-finetune, moon-mini-no-moe, moon-mini-unguided, "
+                                                  "moon-mini-no-crops, moon-mini-in-batch, moon-tiny-test, "
+                                                  "moon-qwen2.5-vl-3b")] = "moon-mini-cpu",
     config: Annotated[Optional[Path], typer.Option(help="YAML file with config overrides")] = None,
+    model: Annotated[Optional[str], typer.Option(help="encoder to start from (registry name)")] = None,
     data: Annotated[Optional[str], typer.Option(help="folder with catalog.parquet + behavior.parquet")] = None,
     out: Annotated[Optional[str], typer.Option(help="runs folder")] = None,
     run_name: Annotated[Optional[str], typer.Option(help="run folder name (resumes when it exists)")] = None,
@@ -275,23 +279,41 @@ def train(
     batch_size: Annotated[Optional[int], typer.Option(help="global batch size")] = None,
     queue_size: Annotated[Optional[int], typer.Option(help="past-step negatives (0: off)")] = None,
     hard_negatives: Annotated[Optional[bool], typer.Option(help="same-category hard negatives")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="any config key: --set lr=1e-4 "
+                                                      "--set 'model_options={use_moe: false}' (YAML values)")] = None,
+    publish: Annotated[bool, typer.Option(help="copy the final moon-mini checkpoint into the package: it "
+                                          "becomes the weights of the encoder 'moon-mini'")] = False,
 ):
-    """Train a MOON checkpoint on a behaviour log (multi-GPU: torchrun -m moonsearch.trainer.loop)."""
+    """Train a MOON checkpoint (or fine-tune a CLIP baseline) on a behaviour log.
+
+    Multi-GPU / multi-node: torchrun --nproc-per-node N -m moonsearch.trainer.loop --preset NAME."""
+    import yaml
+
     from moonsearch.trainer.config import load_config
     from moonsearch.trainer.loop import train as run_training
 
-    cfg = load_config(preset, config, data=data, out=out, run_name=run_name, steps=steps, batch_size=batch_size,
-                      queue_size=queue_size, hard_negatives=hard_negatives)
+    extra = {}
+    for kv in set_ or []:
+        if "=" not in kv:
+            raise typer.BadParameter(f"--set {kv!r}: expected key=value")
+        k, v = kv.split("=", 1)
+        extra[k.strip()] = yaml.safe_load(v)
+    cfg = load_config(preset, config, model=model, data=data, out=out, run_name=run_name, steps=steps,
+                      batch_size=batch_size, queue_size=queue_size, hard_negatives=hard_negatives, **extra)
     with _progress("training") as prog:
         def start(total, done):
             task = prog.add_task("", total=total, completed=done)
 
             def tick(m):
-                prog.update(task, advance=1, description=f"loss {m['loss']:.3f} lr {m['lr']:.1e}")
+                prog.update(task, advance=1, description=f"loss {m['loss']:.3f} lr {m['lr']:.1e} "
+                                                         f"{m['samples_per_s']:.1f} samples/s")
             return tick
 
         final = run_training(cfg, log=console.print, progress=start)
-    console.print(f"checkpoint: {final}  (use: moonsearch index CATALOG --model moon:{final})")
+    if publish:
+        from moonsearch.trainer.loop import publish_moon_mini
+
+        console.print(f"moon-mini's weights are now {publish_moon_mini(final)}")
 
 
 @app.command("fit-detector")

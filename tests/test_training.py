@@ -89,8 +89,8 @@ def test_two_gloo_processes_see_each_others_negatives(tmp_path):
 def train_cfg(world, tmp_path_factory):
     from moonsearch.trainer.config import load_config
 
-    return load_config("moon-tiny-test", data=str(world), out=str(tmp_path_factory.mktemp("runs")), steps=8,
-                       val_every=0, ckpt_every=2, val_pool=40)
+    return load_config("moon-tiny-test", data=str(world), out=str(tmp_path_factory.mktemp("runs")), steps=16,
+                       val_every=0, ckpt_every=2, val_pool=40, val_fraction=0.25)
 
 
 def test_short_training_improves_validation_recall_and_checkpoint_indexes(train_cfg, world, tmp_path):
@@ -104,10 +104,10 @@ def test_short_training_improves_validation_recall_and_checkpoint_indexes(train_
     final = train(train_cfg)
     rows = [json.loads(x) for x in (final.parent / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if "val_recall@10" in r]
-    assert val[0]["step"] == 0 and val[-1]["step"] == 8
+    assert val[0]["step"] == 0 and val[-1]["step"] == 16
     assert val[-1]["val_recall@10"] > val[0]["val_recall@10"]
     assert (final.parent / "loss.png").exists() and (final.parent / "config.yaml").exists()
-    assert {"fwd_bwd_s", "forward_s", "backward_s", "opt_s", "samples_per_s", "loss", "lr"} <= set(rows[1])
+    assert {"step_s", "data_s", "forward_s", "backward_s", "opt_s", "samples_per_s", "loss", "lr"} <= set(rows[1])
     enc = create_encoder(f"moon:{final}")
     run_index(IndexJob(world / "catalog.parquet", tmp_path / "idx", model=f"moon:{final}"), encoder=enc)
     assert len(SearchService(tmp_path / "idx").search_text("blue backpack", k=5)) == 5
@@ -159,3 +159,165 @@ def test_mbe_layout_converts_and_zero_shot_runs(tmp_path, clip_tiny):
                                    "--out", str(tmp_path / "b")])
     assert res.exit_code == 0, res.output
     assert "classification level 1" in res.output and (tmp_path / "b" / "zero-shot.png").exists()
+
+
+def _train_worker(rank, world, init, cfg, out):
+    import json
+
+    import torch.distributed as dist
+
+    from moonsearch.trainer.loop import Trainer
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    tr = Trainer(cfg)
+    rows = [tr.train_step() for _ in range(2)]
+    state = {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
+    torch.save(state, os.path.join(out, f"w{rank}.pt"))
+    items = [p.item_id for p in tr.batch_at(0)]
+    with open(os.path.join(out, f"m{rank}.json"), "w") as f:
+        json.dump({"candidates": [r["candidates"] for r in rows], "items": items}, f)
+    dist.destroy_process_group()
+
+
+def test_two_gloo_trainer_processes_share_negatives_and_stay_in_step(train_cfg, tmp_path):
+    """The whole trainer in 2 gloo processes: each rank scores its queries against both ranks' products,
+    the queue fills with both ranks' products, and gradients are averaged so the weights stay equal."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    cfg = replace(train_cfg, out=str(tmp_path / "runs"), batch_size=8, queue_size=32, hard_negatives=False)
+    mp.spawn(_train_worker, args=(2, f"file://{tmp_path}/init", cfg, str(tmp_path)), nprocs=2, join=True)
+    m = [json.loads((tmp_path / f"m{r}.json").read_text()) for r in (0, 1)]
+    # 4 local queries per rank; step 1: 8 gathered products; step 2: 8 gathered + 8 queued
+    assert m[0]["candidates"] == m[1]["candidates"] == [8, 16]
+    assert not set(m[0]["items"]) & set(m[1]["items"])  # each rank has its own share of the batch
+    w0, w1 = (torch.load(tmp_path / f"w{r}.pt", weights_only=True) for r in (0, 1))
+    init = __import__("moonsearch.models.base", fromlist=["x"]).create_encoder("moon-tiny").model.state_dict()
+    moved = [k for k in w0 if not torch.equal(w0[k], init[k])]
+    assert moved  # training changed the weights ...
+    for k in w0:  # ... identically on both ranks
+        assert torch.allclose(w0[k], w1[k], atol=1e-6), k
+
+
+def test_clip_baselines_train_with_the_same_loop(world, clip_mini, tmp_path):
+    """clip-finetune: clip-mini's heads learn with the MOON objective and reload as clip-mini:<folder>;
+    an open_clip model (clip-tiny) trains end to end and reloads as clip:<folder>."""
+    import numpy as np
+
+    from moonsearch.models.base import Query, create_encoder
+    from moonsearch.trainer.config import load_config
+    from moonsearch.trainer.loop import train
+
+    cfg = load_config("clip-finetune", data=str(world), out=str(tmp_path), steps=6, val_every=0, ckpt_every=3,
+                      val_pool=40, lr=2e-3)
+    final = train(cfg)
+    tuned = create_encoder(f"clip-mini:{final}")
+    q = [Query("red backpack"), Query("blue sneakers")]
+    assert tuned.encode_queries(q).shape == (2, clip_mini.dim)
+    assert not np.allclose(tuned.encode_queries(q), clip_mini.encode_queries(q), atol=1e-4)
+    assert tuned.fingerprint != clip_mini.fingerprint
+
+    final = train(replace(cfg, model="clip-tiny", run_name="clip-tiny-ft", steps=3))
+    a = create_encoder(f"clip:{final}")
+    b = create_encoder("clip-tiny")
+    assert not np.allclose(a.encode_queries(q), b.encode_queries(q), atol=1e-5)
+
+
+def test_trained_only_checkpoint_is_small_and_reloads_exactly(world, tmp_path):
+    """moon-mini's publishing path: only the tensors training changed are stored, the rest is rebuilt
+    from the packaged weights, and the vectors are the trained model's."""
+    import numpy as np
+
+    from moonsearch.models.base import Query, create_encoder
+    from moonsearch.models.moon.encoder import load_pretrained
+    from moonsearch.trainer.config import load_config
+    from moonsearch.trainer.loop import Trainer
+
+    cfg = load_config("moon-tiny-test", data=str(world), out=str(tmp_path), trainable="experts+lora", lora_rank=4,
+                      model_options={"moe": {"low_rank": 8}})
+    tr = Trainer(cfg)
+    tr.train_step()
+    tr.tm.save(tmp_path / "ck", meta={})
+    full = tmp_path / "full"
+    __import__("moonsearch.models.moon.encoder", fromlist=["x"]).save_pretrained(tr.model, full)
+    small, big = (tmp_path / "ck" / "model.safetensors").stat().st_size, (full / "model.safetensors").stat().st_size
+    assert small < big / 3
+    re = create_encoder(f"moon:{tmp_path / 'ck'}")
+    q = [Query("red backpack"), Query("blue shoe")]
+    assert np.allclose(re.encode_queries(q), tr.enc.encode_queries(q), atol=1e-5)
+    assert np.allclose(load_pretrained(full).encode_queries(q), re.encode_queries(q), atol=1e-5)
+
+
+def test_ablation_presets_change_what_they_say(world):
+    from PIL import Image
+
+    from moonsearch.models.moon import builtin_config
+    from moonsearch.models.moon.encoder import fresh_encoder
+    from moonsearch.models.moon.tokens import product_segments
+    from moonsearch.trainer.config import load_config
+    from moonsearch.trainer.models import _with_options
+
+    base = load_config("moon-mini-cpu")
+    for name, check in [("moon-mini-no-moe", lambda c: not c.use_moe), ("moon-mini-no-crops", lambda c: not c.use_crops),
+                        ("moon-mini-unguided", lambda c: not c.moe.guided and c.moe.low_rank == 32)]:
+        cfg = load_config(name)
+        assert cfg.steps == base.steps and cfg.lr == base.lr and cfg.run_name == name  # inherited budget
+        assert check(_with_options(builtin_config("moon-mini-base"), cfg.model_options))
+    ib = load_config("moon-mini-in-batch")
+    assert not ib.hard_negatives and ib.queue_size == 0 and ib.in_batch
+    # unguided routing: category and attribute tokens go through the gate to the general experts
+    img = Image.new("RGB", (56, 56), (200, 30, 30))
+    for guided in (True, False):
+        enc = fresh_encoder(_with_options(builtin_config("moon-tiny"), {"moe": {"guided": guided}}), "t")
+        enc.model.routing_stats(reset=True)
+        with torch.no_grad():
+            enc.model([product_segments("red shoe", ["shoes", "sneakers"], {"colour": "red"}, [img], None)])
+        counts = enc.model.routing_stats()["layer0"]
+        assert (counts[0] > 0) == guided and (counts[1] > 0) == guided
+
+
+def test_field_dropout_withholds_category_and_attributes(world):
+    from moonsearch.trainer.config import load_config
+    from moonsearch.trainer.loop import Batches
+
+    b = Batches(world, load_config("moon-tiny-test", data=str(world)))
+    item = next(iter(b.records))
+    full, bare = b.product(item), b.product(item, bare=True)
+    assert full.category and full.attributes and not bare.category and not bare.attributes
+    assert bare.title == full.title and len(bare.images) == len(full.images)
+    assert b.product(item).images[0] is full.images[0]  # each photo is decoded once
+
+
+def test_hard_negatives_from_index_neighbours(world, tiny_index):
+    import numpy as np
+
+    from moonsearch.trainer.config import load_config
+    from moonsearch.trainer.loop import Batches, Pair
+
+    b = Batches(world, load_config("moon-tiny-test", data=str(world), hard_negative_index=str(tiny_index),
+                                   hard_negative_k=3))
+    assert b.neighbours
+    rng = np.random.default_rng(0)
+    for item, near in list(b.neighbours.items())[:20]:
+        r = b.records[item]
+        assert len(near) <= 3 and all(b.records[i].category[:1] == r.category[:1] for i in near)
+        neg = b.hard_negative(Pair(item, r.group_id, "x", None, "text", 0), rng)
+        if neg is None:  # a leaf holding only this product's group: nothing to draw
+            assert all(b.records[i].group_id == r.group_id for i in b.by_leaf[tuple(r.category)])
+            continue
+        assert neg != item and (r.group_id is None or b.records[neg].group_id != r.group_id)
+        allowed = [i for i in near if r.group_id is None or b.records[i].group_id != r.group_id]
+        if allowed:
+            assert neg in allowed
+
+
+def test_config_values_are_typed_and_named_when_wrong():
+    from moonsearch.trainer.config import load_config
+
+    cfg = load_config("moon-mini-cpu", lr="1e-3", steps="40")  # what YAML and --set hand over
+    assert cfg.lr == 1e-3 and cfg.steps == 40 and isinstance(cfg.steps, int)
+    for bad, key in [(dict(lr="fast"), "lr"), (dict(steps="4.5"), "steps"), (dict(symmetric="yes"), "symmetric"),
+                     (dict(no_such_key=1), "no_such_key")]:
+        with pytest.raises(ValueError, match=key):
+            load_config("moon-mini-cpu", **bad)

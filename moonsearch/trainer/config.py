@@ -11,7 +11,10 @@ PRESETS = Path(__file__).parent / "presets"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = field(default="moon-mini", metadata={"help": "encoder to start from (registry name)"})
+    model: str = field(default="moon-mini-base", metadata={"help": "encoder to start from (registry name): "
+                                                           "moon-mini-base, moon-tiny, moon:..., clip-mini, clip:..."})
+    model_options: dict = field(default_factory=dict, metadata={
+        "help": "MoonConfig overrides for an untrained builtin model, e.g. {use_moe: false} or {moe: {guided: false}}"})
     data: str = field(default="demo", metadata={"help": "folder with catalog.parquet and behavior.parquet"})
     out: str = field(default="runs", metadata={"help": "runs folder; the run goes to <out>/<run_name>"})
     run_name: str = field(default="moon-mini-cpu", metadata={"help": "run folder name (resumes if it exists)"})
@@ -27,9 +30,14 @@ class TrainConfig:
     symmetric: bool = field(default=False, metadata={"help": "add the product -> query direction"})
     in_batch: bool = field(default=True, metadata={"help": "other queries' positives are negatives"})
     hard_negatives: bool = field(default=True, metadata={"help": "one same-category product per query"})
+    hard_negative_index: str = field(default="", metadata={
+        "help": "an index folder: hard negatives are each positive's nearest same-category products there"})
+    hard_negative_k: int = field(default=20, metadata={"help": "neighbours to draw index hard negatives from"})
     gather: bool = field(default=True, metadata={"help": "products from every rank (all-gather)"})
     queue_size: int = field(default=64, metadata={"help": "past-step products kept as negatives (0: off)"})
     mask_groups: bool = field(default=True, metadata={"help": "mask negatives sharing the positive's group"})
+    field_dropout: float = field(default=0.0, metadata={
+        "help": "chance that a training product loses its category and attributes (robust to missing fields)"})
     aux_weight: float = field(default=0.01, metadata={"help": "weight of the MoE load-balancing loss"})
     modality_mix: tuple[int, int, int] = field(default=(12, 3, 2), metadata={"help": "text : image : text+image"})
     val_fraction: float = field(default=0.1, metadata={"help": "latest share of training pairs held out"})
@@ -44,17 +52,25 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["modality_mix"] = list(self.modality_mix)
+        d["model_options"] = dict(self.model_options)
         return d
+
+
+def _read(src: Path) -> dict:
+    """A YAML preset or config; ``inherit: <preset>`` starts from that preset."""
+    if not src.exists():
+        known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+        raise FileNotFoundError(f"no preset or config {src} (presets: {known})")
+    values = yaml.safe_load(src.read_text()) or {}
+    parent = values.pop("inherit", None)
+    return {**(_read(PRESETS / f"{parent}.yaml") if parent else {}), **values}
 
 
 def load_config(preset: str | None = None, path: str | Path | None = None, **overrides) -> TrainConfig:
     """Defaults <- preset YAML (by name) <- YAML file <- keyword overrides (None values ignored)."""
     values: dict = {}
     for src in ([PRESETS / f"{preset}.yaml"] if preset else []) + ([Path(path)] if path else []):
-        if not src.exists():
-            known = ", ".join(p.stem for p in PRESETS.glob("*.yaml"))
-            raise FileNotFoundError(f"no preset or config {src} (presets: {known})")
-        values.update(yaml.safe_load(src.read_text()) or {})
+        values.update(_read(src))
     values.update({k: v for k, v in overrides.items() if v is not None})
     names = {f.name for f in fields(TrainConfig)}
     unknown = set(values) - names
@@ -62,4 +78,21 @@ def load_config(preset: str | None = None, path: str | Path | None = None, **ove
         raise ValueError(f"unknown training config keys: {', '.join(sorted(unknown))}")
     if "modality_mix" in values:
         values["modality_mix"] = tuple(values["modality_mix"])
-    return replace(TrainConfig(), **values)
+    defaults = TrainConfig()
+    for k, v in values.items():  # YAML reads 1e-3 as a string: coerce to the field's type, or say which key
+        want = type(getattr(defaults, k))
+        if want in (int, float) and not isinstance(v, bool) and not isinstance(v, want):
+            try:
+                f = float(v)
+                if want is int and f != int(f):
+                    raise ValueError
+                values[k] = want(f)
+            except (TypeError, ValueError):
+                raise ValueError(f"training config {k}: expected {want.__name__}, got {v!r}") from None
+        elif want is bool and not isinstance(v, bool):
+            raise ValueError(f"training config {k}: expected true or false, got {v!r}")
+    return replace(defaults, **values)
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))

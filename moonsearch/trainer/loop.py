@@ -26,8 +26,7 @@ import yaml
 
 from moonsearch.data.catalog import CatalogRecord, iter_catalog
 from moonsearch.data.images import ImageError, load_image
-from moonsearch.models.moon.encoder import MoonEncoder, save_pretrained
-from moonsearch.models.moon.tokens import product_segments, query_segments
+from moonsearch.models.base import Product, Query
 from moonsearch.trainer.config import TrainConfig
 from moonsearch.training.distributed import all_gather_with_grad, is_distributed, rank_and_world
 from moonsearch.training.losses import false_negative_mask, info_nce
@@ -68,32 +67,66 @@ def load_pairs(data: Path, cfg: TrainConfig) -> tuple[list[Pair], list[Pair]]:
 
 
 class Batches:
-    """Loads images and builds segment lists for pairs, with per-step seeded hard negatives."""
+    """Products and queries for pairs (decoded photos kept in memory: each file is read once), and
+    per-step seeded hard negatives."""
 
-    def __init__(self, data: Path, enc: MoonEncoder, cfg: TrainConfig):
-        self.data, self.enc, self.cfg = data, enc, cfg
+    def __init__(self, data: Path, cfg: TrainConfig):
+        self.data, self.cfg = data, cfg
         self.records: dict[str, CatalogRecord] = {r.item_id: r for r in iter_catalog(data / "catalog.parquet", print)}
         self.by_leaf: dict[tuple, list[str]] = {}
         for r in self.records.values():
             self.by_leaf.setdefault(tuple(r.category), []).append(r.item_id)
+        self._images: dict[str, object] = {}
+        self.neighbours: dict[str, list[str]] = {}
+        if cfg.hard_negative_index:
+            self.neighbours = index_neighbours(Path(cfg.hard_negative_index), cfg.hard_negative_k)
 
-    def product(self, item_id: str):
+    def image(self, ref: str):
+        if ref not in self._images:
+            self._images[ref] = load_image(ref, self.data)
+        return self._images[ref]
+
+    def product(self, item_id: str, bare: bool = False) -> Product:
+        """The catalog product; ``bare`` withholds its category and attributes (field dropout)."""
         r = self.records[item_id]
         imgs = []
-        for ref in r.images[:self.enc.cfg.max_images]:
+        for ref in r.images[:4]:
             try:
-                imgs.append(load_image(ref, self.data))
+                imgs.append(self.image(ref))
             except ImageError:
                 continue
-        return product_segments(r.title, r.category, r.attributes, imgs, self.enc._crops(imgs, r.title))
+        return Product(r.title, [] if bare else list(r.category), {} if bare else dict(r.attributes), imgs, item_id)
 
-    def query(self, p: Pair):
-        return query_segments(p.text, load_image(p.image, self.data) if p.image else None)
+    def query(self, p: Pair) -> Query:
+        return Query(p.text, self.image(p.image) if p.image else None)
 
     def hard_negative(self, p: Pair, rng: np.random.Generator) -> str | None:
-        pool = [i for i in self.by_leaf[tuple(self.records[p.item_id].category)]
-                if i != p.item_id and (p.group_id is None or self.records[i].group_id != p.group_id)]
+        """A same-category product that is not the positive nor its variant: one of its nearest
+        neighbours in the given index, else any product of its leaf category."""
+        def ok(i):
+            return i in self.records and i != p.item_id and (p.group_id is None or self.records[i].group_id != p.group_id)
+
+        pool = [i for i in self.neighbours.get(p.item_id, []) if ok(i)]
+        if not pool:
+            pool = [i for i in self.by_leaf[tuple(self.records[p.item_id].category)] if ok(i)]
         return str(rng.choice(pool)) if pool else None
+
+
+def index_neighbours(root: Path, k: int) -> dict[str, list[str]]:
+    """item -> its k nearest products in the same category index (exact, from the stored vectors)."""
+    from moonsearch.index.index_set import IndexSet
+
+    out: dict[str, list[str]] = {}
+    for cat in IndexSet.load(root).categories.values():
+        v = np.asarray(cat.vectors, np.float32)
+        ids = cat.meta.column("item_id").to_pylist()
+        for s in range(0, len(v), 1024):
+            sims = v[s:s + 1024] @ v.T
+            for r, row in enumerate(sims):
+                row[s + r] = -np.inf
+                top = np.argsort(-row)[:k]
+                out[ids[s + r]] = [ids[j] for j in top]
+    return out
 
 
 def _ids(items: list[str], groups: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,49 +150,25 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def set_trainable(enc: MoonEncoder, cfg: TrainConfig) -> list[torch.nn.Parameter]:
-    model = enc.model
-    if cfg.trainable != "all":
-        model.requires_grad_(False)
-        for m in model.moe_layers:
-            m.requires_grad_(True)
-        for extra in (getattr(model.adapter, "projector", None), model.projection):
-            if extra is not None:
-                extra.requires_grad_(True)
-        if cfg.trainable == "experts+lora":
-            for n, p in model.named_parameters():
-                if "lora_" in n:
-                    p.requires_grad_(True)
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, log=print):
-        from moonsearch.models.base import create_encoder
-        from moonsearch.models.moon.encoder import apply_lora
+        from moonsearch.trainer.models import trainable
 
         self.cfg, self.log = cfg, log
         self.rank, self.world = rank_and_world()
         torch.manual_seed(cfg.seed)
         self.device = f"cuda:{self.rank % max(1, torch.cuda.device_count())}" if torch.cuda.is_available() else "cpu"
-        self.enc = create_encoder(cfg.model, self.device)
-        if not isinstance(self.enc, MoonEncoder):
-            raise ValueError(f"{cfg.model}: the trainer trains MOON encoders (moon-mini, moon-tiny, moon:...)")
-        if cfg.trainable == "experts+lora" and cfg.lora_rank and not self.enc.cfg.lora_rank:
-            from dataclasses import replace
-
-            apply_lora(self.enc.model, cfg.lora_rank)  # recorded in the model config, so checkpoints reload
-            self.enc.model.cfg = self.enc.cfg = replace(self.enc.cfg, lora_rank=cfg.lora_rank)
-        self.model = self.enc.model.to(self.device)
-        self.params = set_trainable(self.enc, cfg)
+        self.tm = trainable(cfg, self.device)
+        self.enc, self.model = self.tm.encoder, self.tm.module
+        self.params = self.tm.parameters()
         self.log_t = torch.nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)),
                                         requires_grad=cfg.learnable_temperature)
         self.opt = torch.optim.AdamW(self.params + ([self.log_t] if cfg.learnable_temperature else []),
                                      lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.queue = NegativeQueue(cfg.queue_size, self.model.dim).to(self.device) if cfg.queue_size else None
+        self.queue = NegativeQueue(cfg.queue_size, self.tm.dim).to(self.device) if cfg.queue_size else None
         self.data = Path(cfg.data)
         self.train_pairs, self.val_pairs = load_pairs(self.data, cfg)
-        self.batches = Batches(self.data, self.enc, cfg)
+        self.batches = Batches(self.data, cfg)
         self.sampler = UniqueBatchSampler([p.item_id for p in self.train_pairs],
                                           [p.group_id for p in self.train_pairs],
                                           cfg.batch_size, cfg.seed, rank=self.rank, world_size=self.world)
@@ -228,21 +237,26 @@ class Trainer:
         t0 = time.perf_counter()
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.step, cfg)
-        totals = {"loss": 0.0, "aux": 0.0, "forward_s": 0.0, "backward_s": 0.0}
+        totals = {"loss": 0.0, "aux": 0.0, "candidates": 0, "data_s": 0.0, "forward_s": 0.0, "backward_s": 0.0}
         for micro in range(cfg.grad_accum):
+            td = time.perf_counter()
             pairs = self.batch_at(self.step * cfg.grad_accum + micro)
             rng = np.random.default_rng([cfg.seed, 7, self.step, micro, self.rank])
             items = [p.item_id for p in pairs]
             groups = [p.group_id for p in pairs]
             hard = [self.batches.hard_negative(p, rng) for p in pairs] if cfg.hard_negatives else []
             hard = [h for h in hard if h is not None]
-            segs = [self.batches.product(i) for i in items + hard]
+            bare = rng.random(len(items) + len(hard)) < cfg.field_dropout
+            products = [self.batches.product(i, b) for i, b in zip(items + hard, bare)]
+            queries = [self.batches.query(p) for p in pairs]
+            self.tm.warm(products, queries)  # core-product boxes (cached after the first sight of an image)
             tf = time.perf_counter()  # forward time counts from here: data loading and crops are before
+            totals["data_s"] += tf - td
             ctx = torch.autocast("cuda", torch.bfloat16) if (cfg.mixed_precision and self.device != "cpu") \
                 else torch.autocast("cpu", enabled=False)
             with ctx:
-                p_emb, aux, _ = self.model(segs)
-                q_emb, aux_q, _ = self.model([self.batches.query(p) for p in pairs])
+                p_emb, aux = self.tm.products(products)
+                q_emb, aux_q = self.tm.queries(queries)
             p_emb, q_emb = F.normalize(p_emb.float(), dim=-1), F.normalize(q_emb.float(), dim=-1)
             c_items, c_groups = _ids(items + hard, groups + [self.batches.records[h].group_id for h in hard])
             B = len(pairs)
@@ -269,6 +283,7 @@ class Trainer:
             totals["backward_s"] += time.perf_counter() - tb
             totals["forward_s"] += tb - tf
             totals["loss"] += loss.item() / cfg.grad_accum
+            totals["candidates"] = len(cand)  # products each query is scored against (positive included)
             totals["aux"] += float((aux + aux_q).detach()) / cfg.grad_accum
             if self.queue is not None:
                 n_local = len(p_emb)
@@ -289,7 +304,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         return {"step": self.step, "lr": lr_at(self.step - 1, cfg), "temperature": float(1 / self.log_t.exp()),
-                "fwd_bwd_s": t1 - t0, "opt_s": time.perf_counter() - t1,  # fwd_bwd_s includes data loading
+                "step_s": time.perf_counter() - t0, "opt_s": time.perf_counter() - t1,
                 "samples_per_s": cfg.batch_size * cfg.grad_accum / (time.perf_counter() - t0), **totals}
 
     # ---- validation --------------------------------------------------------------------------
@@ -302,10 +317,9 @@ class Trainer:
         others = [i for i in self.batches.records if i not in set(pos)]
         extra = max(0, self.cfg.val_pool - len(pos))
         pool = pos + list(rng.choice(others, size=min(extra, len(others)), replace=False))
-        P = np.concatenate([self.enc._run([[self.batches.product(i) for i in pool[s:s + 8]]])
-                            for s in range(0, len(pool), 8)])
-        Q = np.concatenate([self.enc._run([[self.batches.query(p) for p in self.val_pairs[s:s + 16]]])
-                            for s in range(0, len(self.val_pairs), 16)])
+        P = self.enc.encode_products([self.batches.product(i) for i in pool], batch_size=8)
+        Q = self.enc.encode_queries([self.batches.query(p) for p in self.val_pairs], batch_size=16)
+        self.model.train()
         col = {i: j for j, i in enumerate(pool)}
         S = Q @ P.T
         target = np.array([col[p.item_id] for p in self.val_pairs])
@@ -373,10 +387,30 @@ def train(cfg: TrainConfig, log=print, progress=None, stop_after: int | None = N
         v = {"step": tr.step, **tr.validate()}
         append_jsonl([v], run / "metrics.jsonl")
         log(f"final: validation recall@10 {v['val_recall@10']:.3f}")
-        save_pretrained(tr.model, final, meta={"trained_by": "moonsearch.trainer.loop", "steps": tr.step,
-                                              "config": cfg.to_dict()})
+        name = tr.tm.save(final, meta={"trained_by": "moonsearch.trainer.loop", "steps": tr.step,
+                                       "config": cfg.to_dict(), "val": v})
+        log(f"checkpoint {final}: use it as --model {name}")
         plot_metrics(run)
     return final
+
+
+def publish_moon_mini(final: Path) -> Path:
+    """Make a trained moon-mini checkpoint the package's ``moon-mini`` weights (trained tensors only)."""
+    from moonsearch.models.moon import MINI_CHECKPOINT
+
+    conf = json.loads((Path(final) / "config.json").read_text())
+    if conf.get("weights") != "trained" or conf["moon"].get("source") != "smollm2-135m":
+        raise ValueError(f"{final}: only a moon-mini run that stored its trained tensors alone can be published")
+    tmp = MINI_CHECKPOINT.with_name(MINI_CHECKPOINT.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(final, tmp)
+    old = MINI_CHECKPOINT.with_name(MINI_CHECKPOINT.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if MINI_CHECKPOINT.exists():
+        os.replace(MINI_CHECKPOINT, old)
+    os.replace(tmp, MINI_CHECKPOINT)
+    shutil.rmtree(old, ignore_errors=True)
+    return MINI_CHECKPOINT
 
 
 def main(argv=None) -> None:

@@ -1,0 +1,276 @@
+"""What the trainer trains: one small interface over MOON and the CLIP baselines, so that both learn
+with the same loop, data, negatives and budget.
+
+    tm = trainable(cfg, device)
+    p, aux = tm.products([Product, ...])   # (n, d) unnormalised embeddings with grad, aux loss
+    q, aux = tm.queries([Query, ...])
+    tm.parameters()                        # what the optimiser updates (cfg.trainable)
+    tm.save(folder, meta)                  # a checkpoint the registry loads (see ``spec(folder)``)
+
+- MOON (``moon-mini-base``, ``moon-tiny``, ``moon:<Qwen-VL>`` or a checkpoint): trainable = experts,
+  gates, projector (+ LoRA with ``experts+lora``) or ``all``; checkpoint = ``moon:<folder>``.
+- clip-mini: the heads W_i, W_t on its frozen towers (its trainable part; the towers' features are
+  cached); checkpoint = ``clip-mini:<folder>``.
+- open_clip (``clip:...``, ``clip-tiny``): the whole model; checkpoint = ``clip:<folder>`` in open_clip's
+  own layout (safetensors).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moonsearch.models.base import Product, Query, product_text
+from moonsearch.trainer.config import TrainConfig
+
+
+def _image_key(im) -> str:
+    return hashlib.md5(im.tobytes()).hexdigest() + f"{im.size}{im.mode}"
+
+
+class Trainable:
+    encoder = None  # an Encoder (encode_queries / encode_products) sharing the trained weights
+    module: nn.Module  # every tensor that belongs to the run's state
+    dim: int
+
+    def products(self, products: Sequence[Product]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def queries(self, queries: Sequence[Query]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def warm(self, products: Sequence[Product], queries: Sequence[Query]) -> None:
+        """Work that is data preparation rather than the model's forward (timed as data)."""
+
+    def save(self, folder: Path, meta: dict) -> str:
+        """Write the checkpoint; returns the registry name that loads it."""
+        raise NotImplementedError
+
+
+# ---- MOON ---------------------------------------------------------------------------------------
+class MoonTrainable(Trainable):
+    def __init__(self, cfg: TrainConfig, device: str):
+        from moonsearch.models.base import create_encoder
+        from moonsearch.models.moon import builtin_config
+        from moonsearch.models.moon.encoder import MoonEncoder, apply_lora, fresh_encoder
+
+        base = builtin_config(cfg.model)
+        if base is not None:
+            if cfg.model_options:
+                base = _with_options(base, cfg.model_options)
+            if cfg.trainable == "experts+lora" and cfg.lora_rank:
+                base = replace(base, lora_rank=cfg.lora_rank)  # in the config, so checkpoints reload
+            self.encoder = fresh_encoder(base, cfg.model, device)
+        else:
+            if cfg.model_options:
+                raise ValueError(f"{cfg.model}: model_options apply to untrained builtin models only")
+            self.encoder = create_encoder(cfg.model, device)
+            if not isinstance(self.encoder, MoonEncoder):
+                raise ValueError(f"{cfg.model}: not a MOON encoder")
+            if cfg.trainable == "experts+lora" and cfg.lora_rank and not self.encoder.cfg.lora_rank:
+                apply_lora(self.encoder.model, cfg.lora_rank)
+                self.encoder.model.cfg = self.encoder.cfg = replace(self.encoder.cfg, lora_rank=cfg.lora_rank)
+        self.module = self.encoder.model.to(device)
+        self.dim = self.module.dim
+        self.trainable = cfg.trainable
+        if hasattr(self.module.adapter, "feature_cache"):
+            self.module.adapter.feature_cache = {}  # frozen vision features, reused across steps
+        if cfg.trainable != "all":
+            self.module.requires_grad_(False)
+            for m in self.module.moe_layers:
+                m.unfreeze()
+            for extra in (getattr(self.module.adapter, "projector", None), self.module.projection):
+                if extra is not None:
+                    extra.requires_grad_(True)
+            if cfg.trainable == "experts+lora":
+                for n, p in self.module.named_parameters():
+                    if "lora_" in n:
+                        p.requires_grad_(True)
+        elif self.encoder.cfg.freeze_vision:
+            vision = getattr(self.module.adapter, "vision", None) or getattr(self.module.adapter.model, "visual")
+            vision.requires_grad_(False)
+
+    def warm(self, products, queries):
+        if self.encoder.cfg.use_crops:
+            n = self.encoder.cfg.max_images
+            ims = [(im, p.title) for p in products for im in p.images[:n]]
+            if self.encoder.cfg.crop_queries:
+                ims += [(q.image, q.text or "") for q in queries if q.image is not None]
+            if ims:
+                self.encoder._boxes([im for im, _ in ims], [t for _, t in ims])
+
+    def products(self, products):
+        pooled, aux, _ = self.module(self.encoder.product_batch(products))
+        return pooled, aux
+
+    def queries(self, queries):
+        pooled, aux, _ = self.module(self.encoder.query_batch(queries))
+        return pooled, aux
+
+    def save(self, folder, meta):
+        from moonsearch.models.moon.encoder import save_pretrained
+
+        # untrained builtin bases rebuild from packaged weights: store only what training changed
+        save_pretrained(self.module, folder, meta=meta, trained_only=self.trainable != "all")
+        return f"moon:{folder}"
+
+
+def _with_options(base, options: dict):
+    from moonsearch.models.moon.moe import MoEConfig
+
+    opts = dict(options)
+    moe = opts.pop("moe", None)
+    unknown = set(opts) - set(base.to_dict())
+    if unknown:
+        raise ValueError(f"unknown model_options: {', '.join(sorted(unknown))}")
+    out = replace(base, **opts)
+    if moe:
+        out = replace(out, moe=replace(out.moe, **moe) if isinstance(out.moe, MoEConfig) else MoEConfig(**moe))
+    return out
+
+
+# ---- CLIP baselines -----------------------------------------------------------------------------
+class _DualTrainable(Trainable):
+    """Fusion as in DualEncoder: normalise(w_i * normalise(mean image embs) + w_t * text emb)."""
+
+    def _images(self, images) -> torch.Tensor:  # (n, d) normalised, with grad
+        raise NotImplementedError
+
+    def _texts(self, texts) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _fuse(self, texts: list[str | None], image_groups: list[list]) -> torch.Tensor:
+        f = self.encoder.fusion
+        flat = [im for g in image_groups for im in g]
+        img = self._images(flat) if flat else None
+        t_idx = [i for i, t in enumerate(texts) if t]
+        txt = self._texts([texts[i] for i in t_idx]) if t_idx else None
+        t_pos = {i: r for r, i in enumerate(t_idx)}
+        out, start = [], 0
+        for i, g in enumerate(image_groups):
+            parts = []
+            if g:
+                parts.append(f.image_weight * F.normalize(img[start:start + len(g)].mean(0), dim=-1))
+                start += len(g)
+            if i in t_pos:
+                parts.append(f.text_weight * txt[t_pos[i]])
+            out.append(F.normalize(sum(parts), dim=-1))
+        return torch.stack(out)
+
+    def products(self, products):
+        f = self.encoder.fusion
+        texts = [product_text(p, f.with_category, f.with_attributes) or None for p in products]
+        return self._fuse(texts, [list(p.images) for p in products]), torch.zeros(())
+
+    def queries(self, queries):
+        return self._fuse([q.text for q in queries], [[q.image] if q.image is not None else [] for q in queries]), \
+            torch.zeros(())
+
+
+class ClipMiniTrainable(_DualTrainable):
+    """clip-mini's heads on its frozen towers; tower outputs are cached by image content and text."""
+
+    def __init__(self, cfg: TrainConfig, device: str):
+        from moonsearch.models.base import create_encoder
+
+        self.encoder = create_encoder(cfg.model, device)
+        self.module = self.encoder.heads.train()
+        self.module.requires_grad_(True)
+        self.dim = self.encoder.dim
+        self._img: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._txt: dict[str, torch.Tensor] = {}
+
+    def _images(self, images):
+        keys = [_image_key(im) for im in images]
+        todo = list(dict.fromkeys(k for k in keys if k not in self._img))
+        if todo:
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            feats, logits = self.encoder.image_tower.features([images[first[k]] for k in todo])
+            for k, f, lg in zip(todo, feats, logits):
+                self._img[k] = (f, lg)
+        dev = self.encoder.device
+        f = torch.stack([self._img[k][0] for k in keys]).to(dev)
+        lg = torch.stack([self._img[k][1] for k in keys]).to(dev)
+        return self.module.image(f, lg)
+
+    def _texts(self, texts):
+        todo = list(dict.fromkeys(t for t in texts if t not in self._txt))
+        if todo:
+            for t, e in zip(todo, self.encoder.text_tower.embed(todo)):
+                self._txt[t] = e
+        return self.module.text(torch.stack([self._txt[t] for t in texts]).to(self.encoder.device))
+
+    def parameters(self):
+        return [p for p in self.module.parameters() if p.requires_grad]  # w_i, w_t (class_text is a buffer)
+
+    def save(self, folder, meta):
+        from moonsearch.models.clip.mini import save_heads
+        from moonsearch.utils.io import atomic_write_json
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_heads(self.module, folder / "heads.safetensors", meta=meta)
+        atomic_write_json({"format": "moonsearch-clip-mini/1", "meta": meta}, folder / "config.json")
+        return f"clip-mini:{folder}"
+
+
+class OpenClipTrainable(_DualTrainable):
+    """Every weight of an open_clip model (towers and projections)."""
+
+    def __init__(self, cfg: TrainConfig, device: str):
+        from moonsearch.models.base import create_encoder
+
+        self.encoder = create_encoder(cfg.model, device)
+        self.module = self.encoder.model.train()
+        self.module.requires_grad_(True)
+        self.dim = self.encoder.dim
+        self.source = cfg.model
+
+    def _images(self, images):
+        x = torch.stack([self.encoder.preprocess(im.convert("RGB")) for im in images]).to(self.encoder.device)
+        return F.normalize(self.module.encode_image(x).float(), dim=-1)
+
+    def _texts(self, texts):
+        tok = self.encoder.tokenizer(list(texts)).to(self.encoder.device)
+        return F.normalize(self.module.encode_text(tok).float(), dim=-1)
+
+    def save(self, folder, meta):
+        from safetensors.torch import save_file
+
+        from moonsearch.utils.io import atomic_path, atomic_write_json
+
+        folder.mkdir(parents=True, exist_ok=True)
+        spec = self.source.split(":", 1)[1] if self.source.startswith("clip:") else None
+        src = Path(spec) if spec and Path(spec).is_dir() else None
+        if self.source == "clip-tiny":
+            from moonsearch.models.clip import cache_dir
+
+            src = cache_dir() / "clip-tiny"
+        if src is not None:
+            conf = json.loads((src / "open_clip_config.json").read_text())
+        else:
+            import open_clip
+
+            conf = {"model_cfg": open_clip.get_model_config(spec.split("/", 1)[0])}
+        conf["moonsearch"] = meta
+        atomic_write_json(conf, folder / "open_clip_config.json")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.module.state_dict().items()}
+        with atomic_path(folder / "open_clip_model.safetensors") as tmp:
+            save_file(state, str(tmp))
+        return f"clip:{folder}"
+
+
+def trainable(cfg: TrainConfig, device: str) -> Trainable:
+    if cfg.model == "clip-mini" or cfg.model.startswith("clip-mini:"):
+        return ClipMiniTrainable(cfg, device)
+    if cfg.model == "clip-tiny" or cfg.model.startswith("clip:"):
+        return OpenClipTrainable(cfg, device)
+    return MoonTrainable(cfg, device)

@@ -1,16 +1,19 @@
-"""MOON vs CLIP with the same training budget, plus the ablations: train every preset (resumable; a
+r"""MOON vs CLIP with the same training budget, plus the ablations: train every preset (resumable; a
 finished run is reused), then run the paper's zero-shot tasks on all of them side by side.
 
-    python benchmarks/training.py                      # ~1.5 h on 2 CPU cores, demo world (moonsearch demo-data)
-    python benchmarks/training.py --preset moon-mini-cpu --preset clip-finetune --limit 200
+    python benchmarks/training.py --preset moon-mini-cpu --preset clip-finetune      # ~45 min on 2 CPU cores
+    python benchmarks/training.py --steps 100 --name ablations --preset moon-mini-cpu --preset moon-mini-no-moe \
+        --preset moon-mini-unguided --preset moon-mini-no-crops --preset moon-mini-in-batch   # equal smaller budget
 
 Rows: clip-mini as shipped, clip-finetune, untrained moon-mini-base, moon-mini-cpu and its ablations.
-Writes bench-out/training.{json,md,png} (the zero-shot table) and bench-out/training-speed.json
-(samples/s and the step split from each run's metrics.jsonl).
+Writes bench-out/<name>.{json,md,png} (the zero-shot table) and bench-out/<name>-speed.json
+(samples/s and the step split from each run's metrics.jsonl); the demo world must exist
+(moonsearch demo-data --out demo).
 """
 import argparse
 import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 PRESETS = ["moon-mini-cpu", "clip-finetune", "moon-mini-no-moe", "moon-mini-unguided", "moon-mini-no-crops",
@@ -41,6 +44,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="override every preset's steps (a smaller, equal budget)")
     ap.add_argument("--limit", type=int, default=400, help="catalog products in the zero-shot evaluation")
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
+    ap.add_argument("--name", default="training", help="report file stem")
     a = ap.parse_args()
     presets = a.preset or PRESETS
     rows = a.out / "training-rows"  # one evaluated row per model: a rerun skips what is done
@@ -58,15 +62,18 @@ def main() -> None:
     results += [row("clip-mini", "clip-mini"), row("moon-mini-base", "moon-mini-base (untrained)")]
     for p in presets:
         cfg = load_config(p, data=a.data, out=a.runs, steps=a.steps)
+        if a.steps:  # a different budget is a different run
+            cfg = replace(cfg, run_name=f"{cfg.run_name}-{a.steps}")
         final = Path(cfg.out) / cfg.run_name / "final"
         if not (final / "config.json").exists():
             print(f"training {p} ...", flush=True)
             train(cfg)
         kind = json.loads((final / "config.json").read_text()).get("format", "")
-        results.append(row(f"clip-mini:{final}" if kind.startswith("moonsearch-clip-mini") else f"moon:{final}", p))
-        speeds[p] = speed(final.parent)
-    zero_shot.write(results, a.out, "training")
-    atomic_write_json(speeds, a.out / "training-speed.json")
+        label = cfg.run_name
+        results.append(row(f"clip-mini:{final}" if kind.startswith("moonsearch-clip-mini") else f"moon:{final}", label))
+        speeds[label] = speed(final.parent)
+    zero_shot.write(results, a.out, a.name)
+    atomic_write_json(speeds, a.out / f"{a.name}-speed.json")
     print(zero_shot.table(results))
     print("| run | samples/s | data s | forward s | backward s | optimiser s | val R@10 start -> end |")
     print("|---|---|---|---|---|---|---|")

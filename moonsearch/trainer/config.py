@@ -46,6 +46,8 @@ class TrainConfig:
     ckpt_every: int = field(default=20, metadata={"help": "checkpoint every N steps"})
     trainable: str = field(default="experts", metadata={"help": "experts | experts+lora | all"})
     lora_rank: int = field(default=0, metadata={"help": "peft LoRA rank on attention (with experts+lora)"})
+    strategy: str = field(default="ddp", metadata={
+        "help": "with several ranks: ddp (replicated weights, gradients all-reduced) or fsdp (sharded)"})
     mixed_precision: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA (ignored on CPU)"})
     seed: int = field(default=0, metadata={"help": "data order, hard negatives and init"})
 

@@ -160,6 +160,17 @@ class Trainer:
         self.device = f"cuda:{self.rank % max(1, torch.cuda.device_count())}" if torch.cuda.is_available() else "cpu"
         self.tm = trainable(cfg, self.device)
         self.enc, self.model = self.tm.encoder, self.tm.module
+        self.fsdp = cfg.strategy == "fsdp" and is_distributed()
+        if cfg.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"strategy {cfg.strategy!r}: expected ddp or fsdp")
+        if self.fsdp:  # parameters, gradients and optimiser state sharded over ranks, layer by layer
+            from torch.distributed.fsdp import fully_shard
+
+            if not hasattr(self.model, "moe_layers"):
+                raise ValueError("strategy fsdp shards MOON models; the CLIP baselines train with ddp")
+            for layer in getattr(getattr(self.model, "adapter", None), "decoder_layers", lambda: [])():
+                fully_shard(layer)
+            fully_shard(self.model)
         self.params = self.tm.parameters()
         self.log_t = torch.nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)),
                                         requires_grad=cfg.learnable_temperature)
@@ -174,9 +185,12 @@ class Trainer:
                                           cfg.batch_size, cfg.seed, rank=self.rank, world_size=self.world)
         self.run = Path(cfg.out) / cfg.run_name
         self.step = 0
+        self._epoch_lens: dict[int, int] = {}
 
     # ---- state -------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        if self.fsdp:
+            return self._fsdp_state_tensors()
         out = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         if self.queue is not None:
             out.update({f"queue.{k}": v for k, v in self.queue.state_dict().items()})
@@ -187,15 +201,54 @@ class Trainer:
                 out[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
         return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
+    def _fsdp_state_tensors(self) -> dict[str, torch.Tensor]:
+        """Full (unsharded) model and optimiser state, gathered to CPU: every rank must call this."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        out = {f"model.{k}": v for k, v in get_model_state_dict(self.model, options=full).items()}
+        # (with cpu_offload only rank 0 receives the gathered tensors; the other ranks get empty dicts)
+        for name, st in get_optimizer_state_dict(self.model, self.opt, options=full).get("state", {}).items():
+            for k, v in st.items():
+                out[f"optn.{name}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        if self.queue is not None:
+            out.update({f"queue.{k}": v for k, v in self.queue.state_dict().items()})
+        out["log_t"] = self.log_t.detach()
+        return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+    def _fsdp_load(self, st: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                             set_model_state_dict, set_optimizer_state_dict)
+
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, {k[6:]: v for k, v in st.items() if k.startswith("model.")}, options=full)
+        osd = get_optimizer_state_dict(self.model, self.opt, options=full)  # for its param_groups
+        state: dict[str, dict] = {}
+        for k, v in st.items():
+            if k.startswith("optn."):
+                name, key = k[5:].rsplit(".", 1)
+                state.setdefault(name, {})[key] = v
+        set_optimizer_state_dict(self.model, self.opt, {"state": state, "param_groups": osd["param_groups"]},
+                                 options=full)
+
     def save_state(self) -> None:
+        """Rank 0 writes ``last/`` (atomically swapped in); every rank returns once it is there."""
+        tensors = self._fsdp_state_tensors() if self.fsdp else None  # collective: all ranks
+        if self.rank == 0:
+            self._write_state(tensors if tensors is not None else self.state_tensors())
+        if is_distributed():
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _write_state(self, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        if self.rank != 0:
-            return
         tmp = self.run / ".last.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(self.state_tensors(), str(tmp / "state.safetensors"))
+        save_file(tensors, str(tmp / "state.safetensors"))
         atomic_write_json({"step": self.step, "config": self.cfg.to_dict()}, tmp / "trainer.json")
         last = self.run / "last"
         old = self.run / ".last.old"
@@ -212,12 +265,15 @@ class Trainer:
         if not (last / "trainer.json").exists():
             return False
         st = load_file(str(last / "state.safetensors"))
-        self.model.load_state_dict({k[6:]: v for k, v in st.items() if k.startswith("model.")})
+        if self.fsdp:
+            self._fsdp_load(st)
+        else:
+            self.model.load_state_dict({k[6:]: v for k, v in st.items() if k.startswith("model.")})
         if self.queue is not None:
             self.queue.load_state_dict({k[6:]: v for k, v in st.items() if k.startswith("queue.")})
         with torch.no_grad():
             self.log_t.copy_(st["log_t"])
-        for i, p in enumerate(self.opt.param_groups[0]["params"]):
+        for i, p in enumerate([] if self.fsdp else self.opt.param_groups[0]["params"]):
             keys = {k.split(".", 2)[2]: v for k, v in st.items() if k.startswith(f"opt.{i}.")}
             if keys:
                 self.opt.state[p] = {k: v.to(self.device) if k != "step" else v for k, v in keys.items()}
@@ -226,10 +282,22 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------------
     def batch_at(self, step: int) -> list[Pair]:
-        per_epoch = max(1, len(self.sampler))
-        epoch, k = divmod(step, per_epoch)
-        idx = next(self.sampler(epoch, start=k))
+        """The (rank's share of the) global batch number ``step``: epochs follow each other, each with its
+        own seeded order (epochs can hold different numbers of batches)."""
+        epoch = 0
+        while step >= self._epoch_len(epoch):
+            step -= self._epoch_len(epoch)
+            epoch += 1
+        idx = next(self.sampler(epoch, start=step))
         return [self.train_pairs[i] for i in idx]
+
+    def _epoch_len(self, epoch: int) -> int:
+        if epoch not in self._epoch_lens:
+            self._epoch_lens[epoch] = len(self.sampler.batches(epoch))
+            if not self._epoch_lens[epoch]:
+                raise ValueError(f"{self.data}: the training split has fewer than {self.cfg.batch_size} distinct "
+                                 "items (or groups) for one batch; lower batch_size")
+        return self._epoch_lens[epoch]
 
     def train_step(self) -> dict:
         cfg = self.cfg
@@ -290,7 +358,7 @@ class Trainer:
                 self.queue.push(cand[:n_local * (self.world if cfg.gather else 1)].detach(),
                                 c_items[:n_local * (self.world if cfg.gather else 1)],
                                 c_groups[:n_local * (self.world if cfg.gather else 1)])
-        if is_distributed():
+        if is_distributed() and not self.fsdp:
             import torch.distributed as dist
 
             for p in self.params:
@@ -308,7 +376,7 @@ class Trainer:
                 "samples_per_s": cfg.batch_size * cfg.grad_accum / (time.perf_counter() - t0), **totals}
 
     # ---- validation --------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()
     def validate(self) -> dict:
         """Recall@10 of the validation queries within a fixed pool: their positives + random products."""
         self.model.eval()
@@ -361,10 +429,11 @@ def train(cfg: TrainConfig, log=print, progress=None, stop_after: int | None = N
         atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), run / "config.yaml")
     if tr.load_state():
         log(f"resumed {run} at step {tr.step}")
-    elif tr.rank == 0:
+    elif tr.rank == 0 or tr.fsdp:  # a sharded model needs every rank in its forward passes
         first = {"step": 0, **tr.validate()}
-        append_jsonl([first], run / "metrics.jsonl")
-        log(f"step 0: validation recall@10 {first['val_recall@10']:.3f}")
+        if tr.rank == 0:
+            append_jsonl([first], run / "metrics.jsonl")
+            log(f"step 0: validation recall@10 {first['val_recall@10']:.3f}")
     tick = progress(cfg.steps, tr.step) if progress else None
     done = 0
     while tr.step < cfg.steps:
@@ -374,8 +443,9 @@ def train(cfg: TrainConfig, log=print, progress=None, stop_after: int | None = N
             append_jsonl([m], run / "metrics.jsonl")
             if tick:
                 tick(m)
-            if cfg.val_every and tr.step % cfg.val_every == 0 and tr.step < cfg.steps:
-                v = {"step": tr.step, **tr.validate()}
+        if cfg.val_every and tr.step % cfg.val_every == 0 and tr.step < cfg.steps and (tr.rank == 0 or tr.fsdp):
+            v = {"step": tr.step, **tr.validate()}
+            if tr.rank == 0:
                 append_jsonl([v], run / "metrics.jsonl")
                 log(f"step {tr.step}: loss {m['loss']:.3f}, validation recall@10 {v['val_recall@10']:.3f}")
         if tr.step % cfg.ckpt_every == 0 or tr.step == cfg.steps:
@@ -383,12 +453,16 @@ def train(cfg: TrainConfig, log=print, progress=None, stop_after: int | None = N
         if stop_after is not None and done >= stop_after:
             return run / "last"
     final = run / "final"
-    if tr.rank == 0:
+    if tr.fsdp:  # collectives: every rank validates and gathers the full weights
         v = {"step": tr.step, **tr.validate()}
+        state = {k[6:]: t for k, t in tr.state_tensors().items() if k.startswith("model.")}
+    if tr.rank == 0:
+        if not tr.fsdp:
+            v, state = {"step": tr.step, **tr.validate()}, None
         append_jsonl([v], run / "metrics.jsonl")
         log(f"final: validation recall@10 {v['val_recall@10']:.3f}")
         name = tr.tm.save(final, meta={"trained_by": "moonsearch.trainer.loop", "steps": tr.step,
-                                       "config": cfg.to_dict(), "val": v})
+                                       "config": cfg.to_dict(), "val": v}, state=state)
         log(f"checkpoint {final}: use it as --model {name}")
         plot_metrics(run)
     return final

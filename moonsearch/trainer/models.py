@@ -51,8 +51,9 @@ class Trainable:
     def warm(self, products: Sequence[Product], queries: Sequence[Query]) -> None:
         """Work that is data preparation rather than the model's forward (timed as data)."""
 
-    def save(self, folder: Path, meta: dict) -> str:
-        """Write the checkpoint; returns the registry name that loads it."""
+    def save(self, folder: Path, meta: dict, state: dict | None = None) -> str:
+        """Write the checkpoint (``state``: the full weights when the module is sharded); returns the
+        registry name that loads it."""
         raise NotImplementedError
 
 
@@ -116,11 +117,11 @@ class MoonTrainable(Trainable):
         pooled, aux, _ = self.module(self.encoder.query_batch(queries))
         return pooled, aux
 
-    def save(self, folder, meta):
+    def save(self, folder, meta, state=None):
         from moonsearch.models.moon.encoder import save_pretrained
 
         # untrained builtin bases rebuild from packaged weights: store only what training changed
-        save_pretrained(self.module, folder, meta=meta, trained_only=self.trainable != "all")
+        save_pretrained(self.module, folder, meta=meta, trained_only=self.trainable != "all", state=state)
         return f"moon:{folder}"
 
 
@@ -212,7 +213,7 @@ class ClipMiniTrainable(_DualTrainable):
     def parameters(self):
         return [p for p in self.module.parameters() if p.requires_grad]  # w_i, w_t (class_text is a buffer)
 
-    def save(self, folder, meta):
+    def save(self, folder, meta, state=None):
         from moonsearch.models.clip.mini import save_heads
         from moonsearch.utils.io import atomic_write_json
 
@@ -242,7 +243,7 @@ class OpenClipTrainable(_DualTrainable):
         tok = self.encoder.tokenizer(list(texts)).to(self.encoder.device)
         return F.normalize(self.module.encode_text(tok).float(), dim=-1)
 
-    def save(self, folder, meta):
+    def save(self, folder, meta, state=None):
         from safetensors.torch import save_file
 
         from moonsearch.utils.io import atomic_path, atomic_write_json

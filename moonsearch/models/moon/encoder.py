@@ -207,18 +207,19 @@ def apply_lora(model: MoonModel, rank: int) -> None:
 
 
 def save_pretrained(model: MoonModel, folder: str | Path, meta: dict | None = None, trained_only: bool = False,
-                    dtype: torch.dtype | None = None) -> Path:
+                    dtype: torch.dtype | None = None, state: dict | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors``. With ``trained_only`` only the parameters that
     training changes are stored (those with requires_grad: experts, gates, projector, LoRA); loading
     rebuilds the rest from the backbone's packaged weights, which is what keeps moon-mini's trained
-    checkpoint a few MB. ``dtype`` (e.g. float16) shrinks the stored floating-point tensors."""
+    checkpoint a few MB. ``dtype`` (e.g. float16) shrinks the stored floating-point tensors. ``state``
+    replaces ``model.state_dict()`` (the gathered full weights of a sharded model)."""
     from safetensors.torch import save_file
 
     from moonsearch.utils.io import atomic_path, atomic_write_json
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     if trained_only:
         trained = {n for n, p in model.named_parameters() if p.requires_grad}
         state = {k: v for k, v in state.items() if k in trained}

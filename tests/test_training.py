@@ -259,11 +259,13 @@ def test_ablation_presets_change_what_they_say(world):
     from moonsearch.trainer.models import _with_options
 
     base = load_config("moon-mini-cpu")
+    assert load_config("clip-finetune").model_options == {}  # cleared: they configure MOON models
     for name, check in [("moon-mini-no-moe", lambda c: not c.use_moe), ("moon-mini-no-crops", lambda c: not c.use_crops),
                         ("moon-mini-unguided", lambda c: not c.moe.guided and c.moe.low_rank == 32)]:
         cfg = load_config(name)
         assert cfg.steps == base.steps and cfg.lr == base.lr and cfg.run_name == name  # inherited budget
         assert check(_with_options(builtin_config("moon-mini-base"), cfg.model_options))
+        assert base.model_options.items() <= cfg.model_options.items()  # the parent's options stay
     ib = load_config("moon-mini-in-batch")
     assert not ib.hard_negatives and ib.queue_size == 0 and ib.in_batch
     # unguided routing: category and attribute tokens go through the gate to the general experts

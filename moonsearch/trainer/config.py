@@ -22,6 +22,8 @@ class TrainConfig:
     batch_size: int = field(default=8, metadata={"help": "global batch (queries), split over ranks"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    new_lr_scale: float = field(default=1.0, metadata={
+        "help": "lr multiplier for parts trained from scratch (projector, projection head, gates)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     warmup: int = field(default=5, metadata={"help": "linear warm-up steps, then cosine to zero"})
     clip: float = field(default=1.0, metadata={"help": "gradient norm clipping (0: off)"})
@@ -65,15 +67,24 @@ def _read(src: Path) -> dict:
         raise FileNotFoundError(f"no preset or config {src} (presets: {known})")
     values = yaml.safe_load(src.read_text()) or {}
     parent = values.pop("inherit", None)
-    return {**(_read(PRESETS / f"{parent}.yaml") if parent else {}), **values}
+    return _merge(_read(PRESETS / f"{parent}.yaml") if parent else {}, values)
+
+
+def _merge(base: dict, values: dict) -> dict:
+    """Later values win; model_options merge key by key (an ablation adds to its parent's options),
+    and an empty ``model_options: {}`` clears them."""
+    out = {**base, **values}
+    if base.get("model_options") and values.get("model_options"):
+        out["model_options"] = {**base["model_options"], **values["model_options"]}
+    return out
 
 
 def load_config(preset: str | None = None, path: str | Path | None = None, **overrides) -> TrainConfig:
     """Defaults <- preset YAML (by name) <- YAML file <- keyword overrides (None values ignored)."""
     values: dict = {}
     for src in ([PRESETS / f"{preset}.yaml"] if preset else []) + ([Path(path)] if path else []):
-        values.update(_read(src))
-    values.update({k: v for k, v in overrides.items() if v is not None})
+        values = _merge(values, _read(src))
+    values = _merge(values, {k: v for k, v in overrides.items() if v is not None})
     names = {f.name for f in fields(TrainConfig)}
     unknown = set(values) - names
     if unknown:

@@ -174,8 +174,13 @@ class Trainer:
         self.params = self.tm.parameters()
         self.log_t = torch.nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)),
                                         requires_grad=cfg.learnable_temperature)
-        self.opt = torch.optim.AdamW(self.params + ([self.log_t] if cfg.learnable_temperature else []),
-                                     lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # parts trained from scratch (projector, projection head, gates) may learn faster than the
+        # pretrained weights' deltas (experts, LoRA): cfg.new_lr_scale
+        new = {id(p) for p in self.tm.new_parameters()}
+        groups = [{"params": [p for p in self.params if id(p) not in new], "lr_scale": 1.0},
+                  {"params": [p for p in self.params if id(p) in new], "lr_scale": cfg.new_lr_scale},
+                  {"params": [self.log_t] if cfg.learnable_temperature else [], "lr_scale": 1.0}]
+        self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.queue = NegativeQueue(cfg.queue_size, self.tm.dim).to(self.device) if cfg.queue_size else None
         self.data = Path(cfg.data)
         self.train_pairs, self.val_pairs = load_pairs(self.data, cfg)
@@ -195,11 +200,14 @@ class Trainer:
         if self.queue is not None:
             out.update({f"queue.{k}": v for k, v in self.queue.state_dict().items()})
         out["log_t"] = self.log_t.detach()
-        for i, p in enumerate(self.opt.param_groups[0]["params"]):
+        for i, p in enumerate(self._opt_params()):
             st = self.opt.state.get(p, {})
             for k, v in st.items():
                 out[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
         return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+    def _opt_params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.opt.param_groups for p in g["params"]]
 
     def _fsdp_state_tensors(self) -> dict[str, torch.Tensor]:
         """Full (unsharded) model and optimiser state, gathered to CPU: every rank must call this."""
@@ -273,7 +281,7 @@ class Trainer:
             self.queue.load_state_dict({k[6:]: v for k, v in st.items() if k.startswith("queue.")})
         with torch.no_grad():
             self.log_t.copy_(st["log_t"])
-        for i, p in enumerate([] if self.fsdp else self.opt.param_groups[0]["params"]):
+        for i, p in enumerate([] if self.fsdp else self._opt_params()):
             keys = {k.split(".", 2)[2]: v for k, v in st.items() if k.startswith(f"opt.{i}.")}
             if keys:
                 self.opt.state[p] = {k: v.to(self.device) if k != "step" else v for k, v in keys.items()}
@@ -304,7 +312,7 @@ class Trainer:
         self.model.train()
         t0 = time.perf_counter()
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.step, cfg)
+            g["lr"] = lr_at(self.step, cfg) * g["lr_scale"]
         totals = {"loss": 0.0, "aux": 0.0, "candidates": 0, "data_s": 0.0, "forward_s": 0.0, "backward_s": 0.0}
         for micro in range(cfg.grad_accum):
             td = time.perf_counter()

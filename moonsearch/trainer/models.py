@@ -48,6 +48,10 @@ class Trainable:
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
+    def new_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters that start from scratch rather than from pretrained weights."""
+        return []
+
     def warm(self, products: Sequence[Product], queries: Sequence[Query]) -> None:
         """Work that is data preparation rather than the model's forward (timed as data)."""
 
@@ -99,6 +103,11 @@ class MoonTrainable(Trainable):
         elif self.encoder.cfg.freeze_vision:
             vision = getattr(self.module.adapter, "vision", None) or getattr(self.module.adapter.model, "visual")
             vision.requires_grad_(False)
+
+    def new_parameters(self):
+        mods = [getattr(self.module.adapter, "projector", None), self.module.projection] + \
+            [m.gate for m in self.module.moe_layers]
+        return [p for m in mods if m is not None for p in m.parameters() if p.requires_grad]
 
     def warm(self, products, queries):
         if self.encoder.cfg.use_crops:
@@ -270,6 +279,9 @@ class OpenClipTrainable(_DualTrainable):
 
 
 def trainable(cfg: TrainConfig, device: str) -> Trainable:
+    clip = cfg.model in ("clip-mini", "clip-tiny") or cfg.model.startswith(("clip-mini:", "clip:"))
+    if clip and cfg.model_options:
+        raise ValueError(f"{cfg.model}: model_options configure MOON models (clear them with model_options: {{}})")
     if cfg.model == "clip-mini" or cfg.model.startswith("clip-mini:"):
         return ClipMiniTrainable(cfg, device)
     if cfg.model == "clip-tiny" or cfg.model.startswith("clip:"):

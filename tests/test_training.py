@@ -109,6 +109,9 @@ def test_short_training_improves_validation_recall_and_checkpoint_indexes(train_
     assert (final.parent / "loss.png").exists() and (final.parent / "config.yaml").exists()
     assert {"step_s", "data_s", "forward_s", "backward_s", "opt_s", "samples_per_s", "loss", "lr"} <= set(rows[1])
     enc = create_encoder(f"moon:{final}")
+    assert create_encoder(str(final)).fingerprint == enc.fingerprint  # the bare run folder works too
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        create_encoder(str(tmp_path))
     run_index(IndexJob(world / "catalog.parquet", tmp_path / "idx", model=f"moon:{final}"), encoder=enc)
     assert len(SearchService(tmp_path / "idx").search_text("blue backpack", k=5)) == 5
 

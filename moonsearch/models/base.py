@@ -168,9 +168,34 @@ def _load_builtin() -> None:
     import moonsearch.models.moon  # noqa: F401  (registers moon-mini, moon-tiny, moon:...)
 
 
+def folder_spec(folder: str) -> str | None:
+    """The registry name for a checkpoint folder given bare (``runs/<run>/final``), from what it holds."""
+    import json
+    from pathlib import Path
+
+    f = Path(folder)
+    if (f / "open_clip_config.json").exists():
+        return f"clip:{folder}"
+    try:
+        fmt = json.loads((f / "config.json").read_text()).get("format", "")
+    except (OSError, ValueError):
+        return None
+    if fmt.startswith("moonsearch-moon"):
+        return f"moon:{folder}"
+    if fmt.startswith("moonsearch-clip-mini"):
+        return f"clip-mini:{folder}"
+    return None
+
+
 def create_encoder(name: str, device: str | None = None) -> Encoder:
-    """Build an encoder by registry name, e.g. ``clip-mini``, ``clip:ViT-B-32/laion2b_s34b_b79k``."""
+    """Build an encoder by registry name, e.g. ``clip-mini``, ``clip:ViT-B-32/laion2b_s34b_b79k``, or
+    a checkpoint folder the trainer wrote (``runs/<run>/final``)."""
     _load_builtin()
+    if ":" not in name and "/" in name or name.startswith("."):
+        spec = folder_spec(name)
+        if spec is None:
+            raise ValueError(f"{name}: not a checkpoint folder (no MOON, clip-mini or open_clip config in it)")
+        name = spec
     for pattern, factory, _ in _FACTORIES:
         m = pattern.fullmatch(name)
         if m:

@@ -364,3 +364,11 @@ def test_fsdp_matches_ddp_and_resumes(train_cfg, tmp_path):
     for k in ddp["full"]:
         assert torch.allclose(ddp["full"][k], fsdp["full"][k], atol=2e-5), k
         assert torch.equal(fsdp["full"][k], fsdp["reloaded"][k]), k
+
+
+def test_missing_training_data_names_the_file_and_the_fix(tmp_path):
+    from moonsearch.trainer.config import load_config
+    from moonsearch.trainer.loop import load_pairs
+
+    with pytest.raises(FileNotFoundError, match="catalog.parquet.*demo-data"):
+        load_pairs(tmp_path, load_config("moon-tiny-test"))

@@ -49,6 +49,10 @@ class Pair:
 
 def load_pairs(data: Path, cfg: TrainConfig) -> tuple[list[Pair], list[Pair]]:
     """Training pairs (resampled to the modality mix) and validation pairs (the latest by time)."""
+    for f in ("catalog.parquet", "behavior.parquet"):
+        if not (data / f).exists():
+            raise FileNotFoundError(f"{data / f} not found: training needs a catalog and a behaviour log "
+                                    f"(the demo world: moonsearch demo-data --out {data})")
     rows = [b for b in pq.read_table(data / "behavior.parquet").to_pylist() if b["split"] == "train"]
     rows.sort(key=lambda b: b["timestamp"])
     groups = {r["item_id"]: r["group_id"] for r in pq.read_table(data / "catalog.parquet",

@@ -12,6 +12,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+import weakref
 from pathlib import Path
 from typing import Union
 
@@ -108,3 +109,17 @@ def fingerprint(ref: ImageRef, base_dir: Path | None = None) -> str:
         return f"{path}:{st.st_size}:{st.st_mtime_ns}"
     except OSError:
         return f"{path}:missing"
+
+
+_CONTENT_KEYS: dict[int, str] = {}  # id(image) -> key, dropped when the image is garbage-collected
+
+
+def content_key(im: Image.Image) -> str:
+    """md5 of a decoded image's pixels: the key of per-image caches (crop boxes, frozen vision
+    features). Computed once per image object, so callers on the hot path share the work."""
+    key = _CONTENT_KEYS.get(id(im))  # (PIL images are unhashable, so not a WeakKeyDictionary)
+    if key is None:
+        key = hashlib.md5(im.tobytes()).hexdigest()
+        _CONTENT_KEYS[id(im)] = key
+        weakref.finalize(im, _CONTENT_KEYS.pop, id(im), None)
+    return key

@@ -191,7 +191,7 @@ def create_encoder(name: str, device: str | None = None) -> Encoder:
     """Build an encoder by registry name, e.g. ``clip-mini``, ``clip:ViT-B-32/laion2b_s34b_b79k``, or
     a checkpoint folder the trainer wrote (``runs/<run>/final``)."""
     _load_builtin()
-    if ":" not in name and "/" in name or name.startswith("."):
+    if ":" not in name and ("/" in name or name.startswith(".")):
         spec = folder_spec(name)
         if spec is None:
             raise ValueError(f"{name}: not a checkpoint folder (no MOON, clip-mini or open_clip config in it)")

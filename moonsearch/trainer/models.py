@@ -16,7 +16,6 @@ with the same loop, data, negatives and budget.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -28,10 +27,7 @@ from torch import nn
 
 from moonsearch.models.base import Product, Query, product_text
 from moonsearch.trainer.config import TrainConfig
-
-
-def _image_key(im) -> str:
-    return hashlib.md5(im.tobytes()).hexdigest() + f"{im.size}{im.mode}"
+from moonsearch.utils.cache import fill_missing
 
 
 class Trainable:
@@ -91,11 +87,7 @@ class MoonTrainable(Trainable):
             self.module.adapter.feature_cache = {}  # frozen vision features, reused across steps
         if cfg.trainable != "all":
             self.module.requires_grad_(False)
-            for m in self.module.moe_layers:
-                m.unfreeze()
-            for extra in (getattr(self.module.adapter, "projector", None), self.module.projection):
-                if extra is not None:
-                    extra.requires_grad_(True)
+            self.module.unfreeze_added()
             if cfg.trainable == "experts+lora":
                 for n, p in self.module.named_parameters():
                     if "lora_" in n:
@@ -105,9 +97,7 @@ class MoonTrainable(Trainable):
             vision.requires_grad_(False)
 
     def new_parameters(self):
-        mods = [getattr(self.module.adapter, "projector", None), self.module.projection] + \
-            [m.gate for m in self.module.moe_layers]
-        return [p for m in mods if m is not None for p in m.parameters() if p.requires_grad]
+        return [p for m in self.module.new_modules() for p in m.parameters() if p.requires_grad]
 
     def warm(self, products, queries):
         if self.encoder.cfg.use_crops:
@@ -200,24 +190,20 @@ class ClipMiniTrainable(_DualTrainable):
         self._txt: dict[str, torch.Tensor] = {}
 
     def _images(self, images):
-        keys = [_image_key(im) for im in images]
-        todo = list(dict.fromkeys(k for k in keys if k not in self._img))
-        if todo:
-            first = {k: i for i, k in reversed(list(enumerate(keys)))}
-            feats, logits = self.encoder.image_tower.features([images[first[k]] for k in todo])
-            for k, f, lg in zip(todo, feats, logits):
-                self._img[k] = (f, lg)
+        from moonsearch.data.images import content_key
+
+        def towers(ims):
+            feats, logits = self.encoder.image_tower.features(ims)
+            return list(zip(feats, logits))
+
+        keys = [f"{content_key(im)}{im.size}{im.mode}" for im in images]
+        f, lg = zip(*fill_missing(self._img, keys, images, towers))
         dev = self.encoder.device
-        f = torch.stack([self._img[k][0] for k in keys]).to(dev)
-        lg = torch.stack([self._img[k][1] for k in keys]).to(dev)
-        return self.module.image(f, lg)
+        return self.module.image(torch.stack(f).to(dev), torch.stack(lg).to(dev))
 
     def _texts(self, texts):
-        todo = list(dict.fromkeys(t for t in texts if t not in self._txt))
-        if todo:
-            for t, e in zip(todo, self.encoder.text_tower.embed(todo)):
-                self._txt[t] = e
-        return self.module.text(torch.stack([self._txt[t] for t in texts]).to(self.encoder.device))
+        t = fill_missing(self._txt, texts, texts, lambda todo: list(self.encoder.text_tower.embed(todo)))
+        return self.module.text(torch.stack(t).to(self.encoder.device))
 
     def parameters(self):
         return [p for p in self.module.parameters() if p.requires_grad]  # w_i, w_t (class_text is a buffer)

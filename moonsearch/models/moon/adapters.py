@@ -159,15 +159,11 @@ class ComposedAdapter(BackboneAdapter):
             if self.feature_cache is None:
                 pooled = self._pooled(images)
             else:
-                import hashlib
+                from moonsearch.data.images import content_key
+                from moonsearch.utils.cache import fill_missing
 
-                keys = [hashlib.md5(im.tobytes()).hexdigest() + f"{im.size}{im.mode}" for im in images]
-                todo = list(dict.fromkeys(k for k in keys if k not in self.feature_cache))
-                if todo:
-                    first = {k: i for i, k in reversed(list(enumerate(keys)))}
-                    for k, f in zip(todo, self._pooled([images[first[k]] for k in todo])):
-                        self.feature_cache[k] = f
-                pooled = torch.stack([self.feature_cache[k] for k in keys])
+                keys = [f"{content_key(im)}{im.size}{im.mode}" for im in images]
+                pooled = torch.stack(fill_missing(self.feature_cache, keys, images, self._pooled))
         return self.projector(pooled)
 
     def prepare(self, batch):

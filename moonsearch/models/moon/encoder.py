@@ -85,6 +85,19 @@ class MoonModel(nn.Module):
         aux = sum((m.aux_loss for m in self.moe_layers), torch.zeros((), device=hidden.device))
         return pooled, aux, token_types
 
+    def new_modules(self) -> list[nn.Module]:
+        """Parts that start from scratch: the image projector, the projection head, the expert gates."""
+        mods = [getattr(self.adapter, "projector", None), self.projection] + [m.gate for m in self.moe_layers]
+        return [m for m in mods if m is not None]
+
+    def unfreeze_added(self) -> None:
+        """Make what MOON adds to the backbone trainable: the experts (a low-rank expert's shared
+        pretrained FFN stays frozen), the gates, the image projector and the projection head."""
+        for m in self.moe_layers:
+            m.unfreeze()
+        for m in self.new_modules():
+            m.requires_grad_(True)
+
     def routing_stats(self, reset: bool = False) -> dict[str, list[int]]:
         """Tokens per expert per converted layer (category, attribute, general_1..N)."""
         out = {f"layer{i}": m.counts.tolist() for i, m in enumerate(self.moe_layers)}
@@ -120,21 +133,25 @@ class MoonEncoder(Encoder):
 
     def _boxes(self, images, titles) -> list[tuple]:
         """Core boxes of ``images``: cached ones reused, the rest found in one batch when the cropper
-        supports it (and appended to the crop cache file). Each image is hashed once."""
+        supports it (and appended to the crop cache file)."""
+        from moonsearch.data.images import content_key
+        from moonsearch.utils.cache import fill_missing
         from moonsearch.utils.io import append_jsonl
 
-        keys = [f"{self.cropper.name}:" + hashlib.md5(im.tobytes()).hexdigest() for im in images]
-        todo = [(k, im, t) for k, im, t in zip(keys, images, titles) if k not in self.boxes]
-        if todo:
+        keys = [f"{self.cropper.name}:" + content_key(im) for im in images]
+        missing = [k for k in dict.fromkeys(keys) if k not in self.boxes]
+
+        def find(pairs):
             if hasattr(self.cropper, "boxes"):
-                found = self.cropper.boxes([im for _, im, _ in todo])
+                found = self.cropper.boxes([im for im, _ in pairs])
             else:
-                found = [self.cropper.box(im, t) for _, im, t in todo]
-            for (k, _, _), b in zip(todo, found):
-                self.boxes[k] = tuple(int(v) for v in b)
-            if self._box_file is not None:
-                append_jsonl([{"image": k, "box": list(self.boxes[k])} for k, _, _ in todo], self._box_file)
-        return [self.boxes[k] for k in keys]
+                found = [self.cropper.box(im, t) for im, t in pairs]
+            return [tuple(int(v) for v in b) for b in found]
+
+        out = fill_missing(self.boxes, keys, list(zip(images, titles)), find)
+        if missing and self._box_file is not None:
+            append_jsonl([{"image": k, "box": list(self.boxes[k])} for k in missing], self._box_file)
+        return out
 
     def _crops(self, images, title):
         from moonsearch.vision.croppers import crop
@@ -198,12 +215,7 @@ def apply_lora(model: MoonModel, rank: int) -> None:
     lm = model.adapter.lm if hasattr(model.adapter, "lm") else model.adapter.model.language_model
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj",
                                                                                        "o_proj"]), lm)
-    # peft freezes everything it did not add; the experts, gates and projector are trained too
-    for m in model.moe_layers:
-        m.unfreeze()
-    for extra in (getattr(model.adapter, "projector", None), model.projection):
-        if extra is not None:
-            extra.requires_grad_(True)
+    model.unfreeze_added()  # peft froze everything it did not add; MOON's own parts are trained too
 
 
 def save_pretrained(model: MoonModel, folder: str | Path, meta: dict | None = None, trained_only: bool = False,

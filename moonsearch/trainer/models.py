@@ -142,6 +142,14 @@ def _with_options(base, options: dict):
 class _DualTrainable(Trainable):
     """Fusion as in DualEncoder: normalise(w_i * normalise(mean image embs) + w_t * text emb)."""
 
+    def __init__(self, cfg: TrainConfig, device: str, trained_part):
+        from moonsearch.models.base import create_encoder
+
+        self.encoder = create_encoder(cfg.model, device)
+        self.module = trained_part(self.encoder).train()  # every weight of it learns
+        self.module.requires_grad_(True)
+        self.dim = self.encoder.dim
+
     def _images(self, images) -> torch.Tensor:  # (n, d) normalised, with grad
         raise NotImplementedError
 
@@ -180,12 +188,7 @@ class ClipMiniTrainable(_DualTrainable):
     """clip-mini's heads on its frozen towers; tower outputs are cached by image content and text."""
 
     def __init__(self, cfg: TrainConfig, device: str):
-        from moonsearch.models.base import create_encoder
-
-        self.encoder = create_encoder(cfg.model, device)
-        self.module = self.encoder.heads.train()
-        self.module.requires_grad_(True)
-        self.dim = self.encoder.dim
+        super().__init__(cfg, device, lambda enc: enc.heads)
         self._img: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._txt: dict[str, torch.Tensor] = {}
 
@@ -222,12 +225,7 @@ class OpenClipTrainable(_DualTrainable):
     """Every weight of an open_clip model (towers and projections)."""
 
     def __init__(self, cfg: TrainConfig, device: str):
-        from moonsearch.models.base import create_encoder
-
-        self.encoder = create_encoder(cfg.model, device)
-        self.module = self.encoder.model.train()
-        self.module.requires_grad_(True)
-        self.dim = self.encoder.dim
+        super().__init__(cfg, device, lambda enc: enc.model)
         self.source = cfg.model
 
     def _images(self, images):

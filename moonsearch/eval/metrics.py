@@ -6,11 +6,16 @@ from typing import Sequence
 import numpy as np
 
 
+MISS = 10**9  # rank of a query whose relevant item was not returned at all
+
+
 def first_hit_ranks(ranked: Sequence[Sequence[str]], relevant: Sequence[set[str]]) -> np.ndarray:
-    """0-based rank of the first relevant id per query; ``len(ranked[i])`` (a miss) if none."""
+    """0-based rank of the first relevant id per query; ``MISS`` if none. A miss must never depend on
+    the list's length: a short list (a small category under routing) would otherwise turn a miss
+    into a 'hit' at rank len(list) < k."""
     out = np.empty(len(ranked), np.int64)
     for i, (r, rel) in enumerate(zip(ranked, relevant)):
-        out[i] = next((j for j, x in enumerate(r) if x in rel), len(r) if len(r) else 10**9)
+        out[i] = next((j for j, x in enumerate(r) if x in rel), MISS)
     return out
 
 

@@ -1,0 +1,239 @@
+"""Real artwork for a held-out check: named drawings from icon sets that npm carries, split BY SOURCE.
+
+Each source is one vendor's icon set (``@iconify-json/<set>``, pinned versions, fetched once with
+``npm pack`` into the cache folder and read straight from the tarball). A concept ("camera",
+"umbrella") drawn by two vendors gives a cross-artist pair: one vendor's drawing is the product's clean
+picture, the other's is the query, as a shopper's photo of the same object would be.
+
+Two splits whose sources, query vendors and background photographs are disjoint:
+
+- ``fit``: sources that training, fitting and tuning may use;
+- ``eval``: sources that nothing is fitted or tuned on; only ``moonsearch bench real`` reads them.
+
+Emoji artwork of any vendor is never used here (it is reserved for outside evaluation).
+
+A product gets its clean picture and a listing photo: the picture pasted into a real photograph with
+two other drawings of the same vendor beside it (distractors). Queries: the name (text), the other
+vendor's drawing (image), and drawing + head noun (text+image).
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import tarfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# set -> pinned version; "colour" sets are drawn in colour, the rest are glyphs drawn in one ink
+SOURCES = {
+    "flat-color-icons": "1.2.3", "fluent-color": "1.2.21", "mdi": "1.2.3", "lucide": "1.2.137",
+    "streamline-ultimate-color": "1.2.2", "streamline-freehand-color": "1.2.2", "tabler": "1.2.41",
+    "ph": "1.2.2", "game-icons": "1.2.4",
+}
+# photographs for listing photos: scikit-image's and matplotlib's; the fit split's are the ones the
+# synthetic world uses as backgrounds (moonsearch.data.render.PHOTOS), the eval split's are disjoint
+EVAL_PHOTOS = ("camera", "clock", "coins", "moon", "page", "text", "grace_hopper")
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str
+    products: tuple[str, ...]  # vendors whose drawings are the products' pictures
+    queries: tuple[str, ...]  # vendors whose drawings are the image queries
+    photos: tuple[str, ...]  # background photographs of listing photos
+    prefixed: bool = False  # product names lead with a topic word ("accounting-calculator"): match the rest too
+
+
+def splits() -> dict[str, Split]:
+    from moonsearch.data.render import PHOTOS
+
+    return {
+        "fit": Split("fit", ("streamline-ultimate-color", "streamline-freehand-color"),
+                     ("tabler", "ph", "game-icons"), tuple(PHOTOS), prefixed=True),
+        "eval": Split("eval", ("flat-color-icons", "fluent-color"), ("mdi", "lucide"), EVAL_PHOTOS),
+    }
+
+
+def check_disjoint(a: Split, b: Split) -> None:
+    """Raise if two splits share a vendor or a photograph."""
+    shared = (set(a.products + a.queries) & set(b.products + b.queries)) | (set(a.photos) & set(b.photos))
+    if shared:
+        raise ValueError(f"splits {a.name} and {b.name} share sources: {sorted(shared)}")
+
+
+# ---- fetching and drawing -------------------------------------------------------------------------
+def fetch(source: str, cache: Path | None = None) -> dict:
+    """The iconify JSON of ``source`` (``{"icons": {name: {"body": svg}}, "width": .., ...}``)."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown artwork source {source!r}; known: {', '.join(SOURCES)}")
+    if any(w in source for w in ("emoji", "noto", "twemoji", "openmoji")):
+        raise ValueError(f"{source}: emoji artwork is reserved for outside evaluation")
+    return _load(source, str(cache or _cache()))
+
+
+def _cache() -> Path:
+    from moonsearch.models.clip import cache_dir
+
+    return cache_dir() / "real-artwork"
+
+
+@lru_cache(maxsize=None)
+def _load(source: str, cache: str) -> dict:
+    folder = Path(cache)
+    folder.mkdir(parents=True, exist_ok=True)
+    tgz = folder / f"iconify-json-{source}-{SOURCES[source]}.tgz"
+    if not tgz.exists():
+        spec = f"@iconify-json/{source}@{SOURCES[source]}"
+        try:
+            subprocess.run(["npm", "pack", "-q", spec, "--pack-destination", str(folder)], check=True,
+                           capture_output=True, timeout=300)
+        except FileNotFoundError as e:
+            raise RuntimeError(f"npm is needed once to fetch {spec} (apt-get install npm)") from e
+        except subprocess.CalledProcessError as e:
+            raise RuntimeError(f"npm pack {spec} failed: {e.stderr.decode(errors='replace').strip()}") from e
+    with tarfile.open(tgz) as tar:
+        return json.load(tar.extractfile("package/icons.json"))
+
+
+_STYLE = re.compile(r"(-(\d+|bold|fill|filled|duotone|light|thin|outline|outlined|solid|remix|regular|"
+                    r"sharp|rounded|alt|off|variant))+$")
+
+
+def concept(name: str) -> str:
+    """The object an icon name draws: size and style suffixes dropped (``camera-24`` -> ``camera``)."""
+    return _STYLE.sub("", name)
+
+
+def concepts(source: str) -> dict[str, str]:
+    """concept -> one icon name drawing it (the first in name order), for object-like names only."""
+    icons = fetch(source)["icons"]
+    out: dict[str, str] = {}
+    for name in sorted(icons):
+        c = concept(name)
+        if c and not re.search(r"\d", c) and len(c) > 2 and c.count("-") <= 2:
+            out.setdefault(c, name)
+    return out
+
+
+def draw(source: str, name: str, size: int = 224, ink: str = "#202020") -> Image.Image:
+    """The icon rendered on white, RGB ``size`` x ``size``; glyph ink (``currentColor``) in ``ink``."""
+    import cairosvg
+
+    data = fetch(source)
+    icon = data["icons"][name]
+    w, h = icon.get("width", data.get("width", 16)), icon.get("height", data.get("height", 16))
+    left, top = icon.get("left", data.get("left", 0)), icon.get("top", data.get("top", 0))
+    body = icon["body"].replace("currentColor", ink)
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{size}" '
+           f'viewBox="{left} {top} {w} {h}" color="{ink}">{body}</svg>')
+    png = cairosvg.svg2png(bytestring=svg.encode(), output_width=size, output_height=size)
+    rgba = Image.open(io.BytesIO(png)).convert("RGBA")
+    out = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    out.alpha_composite(rgba)
+    return out.convert("RGB")
+
+
+@lru_cache(maxsize=None)
+def photo(name: str) -> np.ndarray:
+    """A real photograph, RGB uint8."""
+    if name == "grace_hopper":
+        from matplotlib import cbook
+
+        with cbook.get_sample_data("grace_hopper.jpg") as f:
+            return np.asarray(Image.open(f).convert("RGB"))
+    from skimage import data
+
+    img = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
+    if img.ndim == 2:
+        img = np.stack([img] * 3, -1)
+    return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
+
+
+def listing_photo(main: Image.Image, distractors: list[Image.Image], background: np.ndarray,
+                  rng: np.random.Generator, size: int = 320) -> Image.Image:
+    """``main`` pasted into a crop of a real photograph, distractor drawings beside it."""
+    h, w = background.shape[:2]
+    s = min(h, w)
+    y, x = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
+    canvas = Image.fromarray(background[y:y + s, x:x + s]).resize((size, size), Image.BILINEAR)
+    for k, img in enumerate([*distractors, main]):  # the product last, so it is never covered
+        side = int(size * (rng.uniform(0.42, 0.6) if k == len(distractors) else rng.uniform(0.18, 0.3)))
+        tile = img.resize((side, side), Image.BILINEAR)
+        mask = Image.fromarray((np.asarray(tile.convert("L")) < 245).astype(np.uint8) * 255)  # drop white
+        canvas.paste(tile, (int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))), mask)
+    return canvas
+
+
+# ---- the check's data -----------------------------------------------------------------------------
+@dataclass
+class RealSet:
+    """Products (clean picture + listing photo) and the three query kinds over them."""
+
+    split: str
+    item_ids: list[str] = field(default_factory=list)
+    titles: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    clean: list[Image.Image] = field(default_factory=list)
+    listing: list[Image.Image] = field(default_factory=list)
+    queries: list[dict] = field(default_factory=list)  # {"modality", "text", "image", "item_id", "source"}
+
+
+def words(c: str) -> str:
+    return c.replace("-", " ")
+
+
+def build(split: str = "eval", seed: int = 0, max_products: int | None = None, size: int = 224) -> RealSet:
+    """The products of ``split``'s product vendors (one per concept) and, for each concept that a query
+    vendor draws too, a text, an image and a text+image query. Seeded; same arguments, same set."""
+    sp = splits()[split]
+    rng = np.random.default_rng(seed)
+    query_concepts = [concepts(q) for q in sp.queries]
+    chosen: dict[str, tuple[str, str]] = {}  # concept -> (vendor, icon name)
+    for src in sp.products:
+        for c, name in concepts(src).items():
+            chosen.setdefault(c, (src, name))
+    names = sorted(chosen)
+
+    def match(c: str, qc: dict) -> str | None:
+        for key in (c, c.split("-", 1)[-1], c.rsplit("-", 1)[-1]) if sp.prefixed else (c,):
+            if key in qc:
+                return qc[key]
+        return None
+
+    paired = [c for c in names if any(match(c, qc) for qc in query_concepts)]
+    if max_products is not None:  # keep every paired concept first, then distractor products
+        keep = set(paired[:max_products]) | set([c for c in names if c not in paired][:max(0, max_products - len(paired))])
+        names = [c for c in names if c in keep]
+    out = RealSet(split)
+    for i, c in enumerate(names):
+        src, name = chosen[c]
+        out.item_ids.append(f"{split}-{i:04d}")
+        out.titles.append(words(c))
+        out.sources.append(src)
+        out.clean.append(draw(src, name, size))
+    by_source: dict[str, list[int]] = {}
+    for i, s in enumerate(out.sources):
+        by_source.setdefault(s, []).append(i)
+    for i, src in enumerate(out.sources):
+        others = [j for j in by_source[src] if j != i]
+        pick = rng.choice(others, size=min(2, len(others)), replace=False) if others else []
+        bg = photo(sp.photos[int(rng.integers(len(sp.photos)))])
+        out.listing.append(listing_photo(out.clean[i], [out.clean[j] for j in pick], bg, rng))
+    for i, c in enumerate(names):
+        out.queries.append({"modality": "text", "text": words(c), "image": None, "item_id": out.item_ids[i],
+                            "source": ""})
+        for qsrc, qc in zip(sp.queries, query_concepts):
+            if match(c, qc):
+                img = draw(qsrc, match(c, qc), size)
+                out.queries.append({"modality": "image", "text": None, "image": img, "item_id": out.item_ids[i],
+                                    "source": qsrc})
+                out.queries.append({"modality": "text+image", "text": words(c).split()[-1], "image": img,
+                                    "item_id": out.item_ids[i], "source": qsrc})
+                break  # one drawing per concept: the first query vendor that has it
+    return out

@@ -414,6 +414,38 @@ def bench_zero_shot(
         console.print(zero_shot.table(results), highlight=False, markup=False)
 
 
+@bench_app.command("real")
+@friendly
+def bench_real(
+    model: Annotated[list[str], typer.Option(help="encoders to compare (repeatable)")] = ["clip-mini", "moon-mini"],
+    split: Annotated[str, typer.Option(help="eval (held out: nothing is fitted on it) or fit")] = "eval",
+    limit: Annotated[Optional[int], typer.Option(help="at most this many products (paired ones first)")] = None,
+    out: Annotated[Path, typer.Option(help="where JSON, markdown and PNG go")] = Path("bench-out"),
+    name: Annotated[str, typer.Option(help="report file name stem")] = "real",
+):
+    """Held-out real artwork (icon vendors from npm, split by source): text, image and text+image
+    recall@k with products given clean picture + listing photo, listing photo only, clean only, no photos."""
+    from moonsearch.data import real
+    from moonsearch.eval import real_bench
+    from moonsearch.models.base import create_encoder
+
+    if split not in real.splits():
+        raise ValueError(f"--split: {split!r} is not one of {', '.join(real.splits())}")
+    with console.status(f"drawing the {split} split's artwork"):
+        data = real.build(split, max_products=limit)
+    results = []
+    for m in model:
+        with console.status(f"{m}: encoding {len(data.item_ids)} products x 4 variants, {len(data.queries)} queries"):
+            results.append(real_bench.evaluate(create_encoder(m), data))
+    paths = real_bench.write(results, out, name)
+    console.print(real_bench.markdown(results), highlight=False, markup=False)
+    for r in results:
+        for v, c in r.get("text_rank_change", {}).items():
+            console.print(f"{r['model']}: {v}: {c['worse']} of {c['n']} products rank worse for their own name "
+                          f"than without photos, {c['better']} better", highlight=False)
+    console.print("wrote " + ", ".join(map(str, paths)), highlight=False)
+
+
 @app.command("convert-mbe")
 @friendly
 def convert_mbe(

@@ -34,7 +34,7 @@ from PIL import Image
 SOURCES = {
     "flat-color-icons": "1.2.3", "fluent-color": "1.2.21", "mdi": "1.2.3", "lucide": "1.2.137",
     "streamline-ultimate-color": "1.2.2", "streamline-freehand-color": "1.2.2", "tabler": "1.2.41",
-    "ph": "1.2.2", "game-icons": "1.2.4",
+    "ph": "1.2.2",
 }
 # photographs for listing photos: scikit-image's and matplotlib's; the fit split's are the ones the
 # synthetic world uses as backgrounds (moonsearch.data.render.PHOTOS), the eval split's are disjoint
@@ -55,7 +55,7 @@ def splits() -> dict[str, Split]:
 
     return {
         "fit": Split("fit", ("streamline-ultimate-color", "streamline-freehand-color"),
-                     ("tabler", "ph", "game-icons"), tuple(PHOTOS), prefixed=True),
+                     ("tabler", "ph"), tuple(PHOTOS), prefixed=True),
         "eval": Split("eval", ("flat-color-icons", "fluent-color"), ("mdi", "lucide"), EVAL_PHOTOS),
     }
 
@@ -201,7 +201,7 @@ def build(split: str = "eval", seed: int = 0, max_products: int | None = None, s
     names = sorted(chosen)
 
     def match(c: str, qc: dict) -> str | None:
-        for key in (c, c.split("-", 1)[-1], c.rsplit("-", 1)[-1]) if sp.prefixed else (c,):
+        for key in (c, c.split("-", 1)[-1]) if sp.prefixed else (c,):
             if key in qc:
                 return qc[key]
         return None

@@ -1,7 +1,8 @@
 """The Encoder protocol every model implements, and the registry that creates encoders by name.
 
-Contract: ``encode_queries`` and ``encode_products`` return L2-normalised float32 arrays of shape
-``(n, encoder.dim)``, one row per input, in input order. A query is text, an image, or both; a product
+Contract: ``encode_queries`` and ``encode_products`` return float32 arrays of shape ``(n, encoder.dim)``,
+one row per input, in input order, L2-normalised (except a product without photos under a visual
+block, ``moonsearch.models.visual``: norm < 1, so that text scores it as it scores the others). A query is text, an image, or both; a product
 is up to N images plus title, category path and attributes. ``fingerprint`` identifies the weights,
 so an index built with one encoder refuses queries from another.
 """
@@ -94,53 +95,78 @@ class Fusion:
     with_attributes: bool = True
 
 
+def fuse(img, sizes: list[int], txt, has_text: list[bool], fusion: Fusion):
+    """The one fusion rule (inference and training): per input,
+    ``normalise(w_img * normalise(mean of its image embeddings) + w_txt * its text embedding)``; an
+    input with no image is its text alone, one with no text its images alone.
+
+    img: (sum(sizes), d) torch tensor or None; txt: (sum(has_text), d) or None -> (len(sizes), d)."""
+    import torch
+    import torch.nn.functional as F
+
+    assert len(sizes) == len(has_text)
+    out, start, t = [], 0, 0
+    for i, g in enumerate(sizes):
+        parts = []
+        if g:
+            parts.append(fusion.image_weight * F.normalize(img[start:start + g].mean(0), dim=-1))
+            start += g
+        if has_text[i]:
+            parts.append(fusion.text_weight * txt[t])
+            t += 1
+        if not parts:
+            raise ValueError(f"input {i} has neither text nor image")
+        out.append(F.normalize(sum(parts), dim=-1) if len(parts) > 1 else parts[0])
+    return torch.stack(out)
+
+
 class DualEncoder(Encoder):
-    """An encoder made of an image tower and a text tower in one space, fused by ``Fusion``."""
+    """An encoder made of an image tower and a text tower in one space, fused by ``Fusion``; with a
+    ``visual`` block (``moonsearch.models.visual``) the raw image features ride along beside it."""
 
     fusion: Fusion
+    visual = None  # VisualBlock or None
+    semantic_dim: int
 
     @abstractmethod
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
-        """(n, dim) float32, L2-normalised."""
+        """(n, semantic_dim) float32, L2-normalised."""
 
     @abstractmethod
     def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """(n, dim) float32, L2-normalised."""
+        """(n, semantic_dim) float32, L2-normalised."""
 
-    def _fuse(self, img: np.ndarray | None, txt: np.ndarray | None) -> np.ndarray:
-        if img is None:
-            return txt
-        if txt is None:
-            return img
-        return l2_normalize(self.fusion.image_weight * img + self.fusion.text_weight * txt)
+    def image_parts(self, images: Sequence[Image.Image], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+        """(semantic embeddings (n, semantic_dim), raw visual features (n, dv) or None)."""
+        return self.embed_images(images, batch_size), None
 
-    def _encode(self, texts: list[str | None], image_groups: list[list[Image.Image]], batch_size: int) -> np.ndarray:
-        n = len(texts)
-        out = np.zeros((n, self.dim), np.float32)
+    def _encode(self, texts: list[str | None], image_groups: list[list[Image.Image]], batch_size: int,
+                products: bool) -> np.ndarray:
+        import torch
+
+        from moonsearch.models import visual as vis
+
         t_idx = [i for i, t in enumerate(texts) if t]
         t_emb = self.embed_texts([texts[i] for i in t_idx], batch_size) if t_idx else None
         flat = [im for g in image_groups for im in g]
-        i_emb = self.embed_images(flat, batch_size) if flat else None
-        t_pos = {i: r for r, i in enumerate(t_idx)}
-        start = 0
-        for i in range(n):
-            g = len(image_groups[i])
-            img = l2_normalize(i_emb[start:start + g].mean(0)) if g else None
-            start += g
-            txt = t_emb[t_pos[i]] if i in t_pos else None
-            if img is None and txt is None:
-                raise ValueError(f"input {i} has neither text nor image")
-            out[i] = self._fuse(img, txt)
-        return out
+        i_emb, feats = self.image_parts(flat, batch_size) if flat else (None, None)
+        sizes = [len(g) for g in image_groups]
+        sem = fuse(None if i_emb is None else torch.from_numpy(i_emb), sizes,
+                   None if t_emb is None else torch.from_numpy(t_emb), [bool(t) for t in texts], self.fusion)
+        sem = sem.numpy().astype(np.float32)
+        if self.visual is None:
+            return sem
+        v = vis.group_mean(feats if feats is not None else np.zeros((0, self.visual.dim), np.float32), sizes)
+        return vis.compose(sem, v, self.visual.weights(vis.input_kinds(texts, sizes, products)))
 
     def encode_queries(self, queries: Sequence[Query], batch_size: int = 32) -> np.ndarray:
         return self._encode([q.text for q in queries], [[q.image] if q.image is not None else [] for q in queries],
-                            batch_size)
+                            batch_size, products=False)
 
     def encode_products(self, products: Sequence[Product], batch_size: int = 32) -> np.ndarray:
         f = self.fusion
         texts = [product_text(p, f.with_category, f.with_attributes) or None for p in products]
-        return self._encode(texts, [list(p.images) for p in products], batch_size)
+        return self._encode(texts, [list(p.images) for p in products], batch_size, products=True)
 
 
 # --- registry --------------------------------------------------------------------------------------

@@ -148,7 +148,7 @@ class _DualTrainable(Trainable):
         self.encoder = create_encoder(cfg.model, device)
         self.module = trained_part(self.encoder).train()  # every weight of it learns
         self.module.requires_grad_(True)
-        self.dim = self.encoder.dim
+        self.dim = self.encoder.semantic_dim  # training shapes the semantic block; the visual one is fixed
 
     def _images(self, images) -> torch.Tensor:  # (n, d) normalised, with grad
         raise NotImplementedError
@@ -157,22 +157,13 @@ class _DualTrainable(Trainable):
         raise NotImplementedError
 
     def _fuse(self, texts: list[str | None], image_groups: list[list]) -> torch.Tensor:
-        f = self.encoder.fusion
+        from moonsearch.models.base import fuse
+
         flat = [im for g in image_groups for im in g]
         img = self._images(flat) if flat else None
         t_idx = [i for i, t in enumerate(texts) if t]
         txt = self._texts([texts[i] for i in t_idx]) if t_idx else None
-        t_pos = {i: r for r, i in enumerate(t_idx)}
-        out, start = [], 0
-        for i, g in enumerate(image_groups):
-            parts = []
-            if g:
-                parts.append(f.image_weight * F.normalize(img[start:start + len(g)].mean(0), dim=-1))
-                start += len(g)
-            if i in t_pos:
-                parts.append(f.text_weight * txt[t_pos[i]])
-            out.append(F.normalize(sum(parts), dim=-1))
-        return torch.stack(out)
+        return fuse(img, [len(g) for g in image_groups], txt, [bool(t) for t in texts], self.encoder.fusion)
 
     def products(self, products):
         f = self.encoder.fusion

@@ -28,6 +28,7 @@ from torch import nn
 
 from moonsearch.models.base import DualEncoder, Fusion
 from moonsearch.models.towers import ImageTower, MiniLMTextTower
+from moonsearch.models.visual import VisualBlock
 
 ASSETS = Path(__file__).parent / "assets"
 HEADS_FILE = ASSETS / "clip_mini_heads.safetensors"
@@ -41,6 +42,11 @@ class MiniConfig:
     bridge_temperature: float = 1.0  # softmax temperature on ImageNet logits
     image_weight: float = 1.0
     text_weight: float = 1.0
+    # the raw EfficientNet-Lite0 features beside the text-space vector (moonsearch.models.visual);
+    # 0 for products turns the block off. Heads files written before it existed get these defaults.
+    visual_product: float = 0.7071
+    visual_image_query: float = 0.7
+    visual_text_image_query: float = 0.5
 
 
 class MiniHeads(nn.Module):
@@ -114,16 +120,26 @@ class ClipMini(DualEncoder):
         self.heads.to(self.device)
         cfg = self.heads.cfg
         self.fusion = Fusion(cfg.image_weight, cfg.text_weight)
+        self.visual = VisualBlock(cfg.visual_product, cfg.visual_image_query, cfg.visual_text_image_query) \
+            if cfg.visual_product > 0 else None
         self.image_tower = ImageTower(cfg.image_size, self.device)
         self.text_tower = MiniLMTextTower(self.device)
         self.name = "clip-mini" if path == HEADS_FILE else f"clip-mini:{path}"
-        self.dim = cfg.dim
-        self.fingerprint = hashlib.sha1(path.read_bytes()).hexdigest()[:16]
+        self.semantic_dim = cfg.dim
+        self.dim = cfg.dim + (self.visual.dim if self.visual else 0)
+        # everything that changes the vectors: the weights and the effective config (defaults included)
+        h = hashlib.sha1(path.read_bytes())
+        h.update(json.dumps(asdict(cfg), sort_keys=True).encode())
+        self.fingerprint = h.hexdigest()[:16]
 
     @torch.inference_mode()
-    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+    def image_parts(self, images: Sequence[Image.Image], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         feats, logits = self.image_tower.features(images, batch_size)
-        return self.heads.image(feats.to(self.device), logits.to(self.device)).cpu().numpy().astype(np.float32)
+        emb = self.heads.image(feats.to(self.device), logits.to(self.device)).cpu().numpy().astype(np.float32)
+        return emb, feats.numpy().astype(np.float32)
+
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+        return self.image_parts(images, batch_size)[0]
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:

@@ -67,6 +67,7 @@ class OpenClipEncoder(DualEncoder):
         self.name = f"clip:{spec}"
         with torch.inference_mode():
             self.dim = int(self.model.encode_text(self.tokenizer(["x"]).to(self.device)).shape[-1])
+        self.semantic_dim = self.dim
 
     @torch.inference_mode()
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:

@@ -11,7 +11,10 @@ MINI_CHECKPOINT = ASSETS / "moon-mini"  # trained weights only (experts, gates, 
 # moon-mini: EfficientNet-Lite0 + SmolLM2-135M cut to 6 of 30 layers, 4 visual tokens per image, crops,
 # guided MoE (category, attribute, 2 general experts, top-1; rank-32 experts on the shared pretrained FFN)
 # in every kept layer. See benchmarks/encode.py.
-MINI = dict(backbone="composed", source="smollm2-135m", num_layers=6, grid=2, image_size=160)
+# Pooling and the visual block as measured on the real-artwork fit split (benchmarks/README.md): text and
+# image positions pooled apart, the text first, raw EfficientNet features beside the pooled vector.
+MINI = dict(backbone="composed", source="smollm2-135m", num_layers=6, grid=2, image_size=160, pool="split",
+            text_first=True, visual_product=0.7071)
 MINI_MOE = dict(low_rank=32)
 
 

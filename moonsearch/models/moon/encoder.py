@@ -20,7 +20,7 @@ from torch import nn
 
 from moonsearch.models.base import Encoder, Product, Query
 from moonsearch.models.moon import moe as moe_mod
-from moonsearch.models.moon.tokens import POOLED, product_segments, query_segments
+from moonsearch.models.moon.tokens import IMAGE_KINDS, POOLED, TEXT_KINDS, product_segments, query_segments
 
 FORMAT = "moonsearch-moon/1"
 
@@ -42,6 +42,17 @@ class MoonConfig:
     lora_rank: int = 0  # >0: peft LoRA on the LLM's attention projections
     freeze_vision: bool = True
     seed: int = 0  # initialisation of the new parts (projector, gates)
+    # pooling: "mean" (the paper: one mean over every text and image position) or "split": the text
+    # and the image positions averaged apart and weighted, normalise(w * n(text) + (1-w^2)^.5 * n(image)),
+    # so that a product's many image tokens cannot swamp its few text tokens
+    pool: str = "mean"
+    text_pool_weight: float = 0.9
+    text_first: bool = False  # product text before its images (text states then never see the photos)
+    # the visual block (moonsearch.models.visual): raw EfficientNet-Lite0 features beside the pooled
+    # vector; visual_product = 0 turns it off
+    visual_product: float = 0.0
+    visual_image_query: float = 0.7
+    visual_text_image_query: float = 0.5
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -78,12 +89,28 @@ class MoonModel(nn.Module):
         for m in self.moe_layers:
             m.token_types = token_types  # the map that guides the experts
         hidden = self.adapter.run(inputs)  # (B, T, H)
-        mask = torch.isin(token_types, torch.tensor(POOLED)).to(hidden.device).unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, H)
+        pooled = self.pool(hidden, token_types)  # (B, H)
         if self.projection is not None:
             pooled = self.projection(pooled)
         aux = sum((m.aux_loss for m in self.moe_layers), torch.zeros((), device=hidden.device))
         return pooled, aux, token_types
+
+    def pool(self, hidden: torch.Tensor, token_types: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) hidden states -> (B, H), by ``cfg.pool`` (see MoonConfig)."""
+        def masked_mean(kinds):
+            m = torch.isin(token_types, torch.tensor(kinds)).to(hidden.device).unsqueeze(-1).to(hidden.dtype)
+            return (hidden * m).sum(1) / m.sum(1).clamp(min=1), m.sum(1) > 0  # (B, H), (B, 1)
+
+        if self.cfg.pool == "mean":
+            return masked_mean(POOLED)[0]
+        if self.cfg.pool != "split":
+            raise ValueError(f"pool: {self.cfg.pool!r} is neither 'mean' nor 'split'")
+        (t, has_t), (i, has_i) = masked_mean(TEXT_KINDS), masked_mean(IMAGE_KINDS)
+        w = self.cfg.text_pool_weight
+        wt = torch.where(has_i, torch.full_like(has_t, w, dtype=hidden.dtype), torch.ones_like(t[:, :1]))
+        wi = torch.where(has_t, torch.full_like(has_i, (1 - w * w) ** 0.5, dtype=hidden.dtype),
+                         torch.ones_like(i[:, :1]))
+        return wt * nn.functional.normalize(t, dim=-1) * has_t + wi * nn.functional.normalize(i, dim=-1) * has_i
 
     def new_modules(self) -> list[nn.Module]:
         """Parts that start from scratch: the image projector, the projection head, the expert gates."""
@@ -113,7 +140,17 @@ class MoonEncoder(Encoder):
         self.cfg = model.cfg
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
-        self.name, self.fingerprint, self.dim = name, fingerprint, model.dim
+        self.name, self.fingerprint = name, fingerprint
+        self.semantic_dim = model.dim
+        self.visual = None
+        if self.cfg.visual_product > 0:
+            from moonsearch.models.towers import ImageTower
+            from moonsearch.models.visual import VisualBlock
+
+            self.visual = VisualBlock(self.cfg.visual_product, self.cfg.visual_image_query,
+                                      self.cfg.visual_text_image_query)
+            self.image_tower = ImageTower(self.cfg.image_size, self.device)
+        self.dim = model.dim + (self.visual.dim if self.visual else 0)
         from moonsearch.vision.croppers import CROPPERS
 
         self.cropper = CROPPERS[self.cfg.cropper]()
@@ -169,17 +206,30 @@ class MoonEncoder(Encoder):
             boxes = iter(self._boxes([im for ims in imgs for im in ims],
                                      [p.title for p, ims in zip(products, imgs) for _ in ims]))
             crops = [[crop(im, next(boxes)) for im in ims] for ims in imgs]
-        return [product_segments(p.title, p.category, p.attributes, ims, c)
+        return [product_segments(p.title, p.category, p.attributes, ims, c, self.cfg.text_first)
                 for p, ims, c in zip(products, imgs, crops)]
 
     @torch.inference_mode()
     def _run(self, batches) -> np.ndarray:
         vecs = [nn.functional.normalize(self.model(b)[0].float(), dim=-1).cpu().numpy() for b in batches]
-        return np.concatenate(vecs).astype(np.float32) if vecs else np.zeros((0, self.dim), np.float32)
+        return np.concatenate(vecs).astype(np.float32) if vecs else np.zeros((0, self.semantic_dim), np.float32)
+
+    def _with_visual(self, sem: np.ndarray, texts: list, image_groups: list[list], products: bool) -> np.ndarray:
+        """The visual block beside the pooled vector (moonsearch.models.visual), when configured."""
+        if self.visual is None:
+            return sem
+        from moonsearch.models import visual as vis
+
+        flat = [im for g in image_groups for im in g]
+        feats = self.image_tower.features(flat)[0].numpy() if flat else np.zeros((0, self.visual.dim), np.float32)
+        sizes = [len(g) for g in image_groups]
+        return vis.compose(sem, vis.group_mean(feats, sizes), self.visual.weights(vis.input_kinds(texts, sizes, products)))
 
     def encode_products(self, products: Sequence[Product], batch_size: int = 8) -> np.ndarray:
         products = list(products)
-        return self._run(self.product_batch(products[s:s + batch_size]) for s in range(0, len(products), batch_size))
+        sem = self._run(self.product_batch(products[s:s + batch_size]) for s in range(0, len(products), batch_size))
+        return self._with_visual(sem, [p.title for p in products],
+                                 [list(p.images[:self.cfg.max_images]) for p in products], products=True)
 
     def query_batch(self, queries: Sequence[Query]):
         from moonsearch.vision.croppers import crop
@@ -194,7 +244,9 @@ class MoonEncoder(Encoder):
 
     def encode_queries(self, queries: Sequence[Query], batch_size: int = 16) -> np.ndarray:
         queries = list(queries)
-        return self._run(self.query_batch(queries[s:s + batch_size]) for s in range(0, len(queries), batch_size))
+        sem = self._run(self.query_batch(queries[s:s + batch_size]) for s in range(0, len(queries), batch_size))
+        return self._with_visual(sem, [q.text for q in queries],
+                                 [[q.image] if q.image is not None else [] for q in queries], products=False)
 
 
 # ---- building and checkpoints -------------------------------------------------------------------
@@ -267,15 +319,26 @@ def load_pretrained(folder: str | Path, device: str | None = None, name: str | N
             raise ValueError(f"{weights}: tensors the model does not have: {', '.join(unexpected[:5])}")
     else:
         model.load_state_dict(state, strict=True)
-    digest = hashlib.sha1(weights.read_bytes()).hexdigest()[:16]
-    return MoonEncoder(model, name or f"moon:{folder}", digest, device)
+    return MoonEncoder(model, name or f"moon:{folder}", vector_fingerprint(cfg, weights.read_bytes()), device)
 
 
 def fresh_encoder(cfg: MoonConfig, name: str, device: str | None = None) -> MoonEncoder:
     """An encoder from the backbone's pretrained weights plus seeded new parts (not trained yet)."""
     model = build_model(cfg)
-    digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-    return MoonEncoder(model, name, f"init-{digest}", device)
+    return MoonEncoder(model, name, "init-" + vector_fingerprint(cfg), device)
+
+
+def vector_fingerprint(cfg: MoonConfig, weights: bytes = b"") -> str:
+    """Everything that changes the vectors: the weights, the effective config (defaults included:
+    cropper, crops, pooling, visual block) and the detector head when the detector crops."""
+    h = hashlib.sha1(weights)
+    h.update(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    if cfg.use_crops and cfg.cropper == "detector":
+        from moonsearch.vision.detector import HEAD_FILE
+
+        if HEAD_FILE.exists():
+            h.update(HEAD_FILE.read_bytes())
+    return h.hexdigest()[:16]
 
 
 __all__ = ["MoonConfig", "MoonModel", "MoonEncoder", "save_pretrained", "load_pretrained"]

@@ -9,6 +9,8 @@ PAD, PROMPT, TEXT, CATEGORY, ATTRIBUTE, IMAGE, CROP = range(7)
 NAMES = {PAD: "pad", PROMPT: "prompt", TEXT: "text", CATEGORY: "category", ATTRIBUTE: "attribute",
          IMAGE: "image", CROP: "crop"}
 POOLED = (TEXT, CATEGORY, ATTRIBUTE, IMAGE, CROP)  # prompt boilerplate and padding are not pooled
+TEXT_KINDS = (TEXT, CATEGORY, ATTRIBUTE)
+IMAGE_KINDS = (IMAGE, CROP)
 
 
 @dataclass
@@ -21,13 +23,18 @@ class Segment:
 
 
 def product_segments(title: str, category: list[str], attributes: dict[str, str], images: list[Image.Image],
-                     crops: list[Image.Image] | None) -> list[Segment]:
-    """``Product: <img><crop>... <title> Category: <a > b > c> Attributes: <k: v, ...>``."""
+                     crops: list[Image.Image] | None, text_first: bool = False) -> list[Segment]:
+    """``Product: <img><crop>... <title> Category: <a > b > c> Attributes: <k: v, ...>``; with
+    ``text_first`` the images follow the text, so (causal attention) the text positions' states are
+    exactly those of the product without photos."""
     segs = [Segment(PROMPT, "Product:")]
+    pics = []
     for i, img in enumerate(images):
-        segs.append(Segment(IMAGE, image=img))
+        pics.append(Segment(IMAGE, image=img))
         if crops is not None and crops[i] is not None:
-            segs.append(Segment(CROP, image=crops[i]))
+            pics.append(Segment(CROP, image=crops[i]))
+    if not text_first:
+        segs += pics
     if title:
         segs.append(Segment(TEXT, " " + title))
     if category:
@@ -35,7 +42,7 @@ def product_segments(title: str, category: list[str], attributes: dict[str, str]
     if attributes:
         segs += [Segment(PROMPT, " Attributes:"),
                  Segment(ATTRIBUTE, " " + ", ".join(f"{k}: {v}" for k, v in attributes.items()))]
-    return segs
+    return segs + pics if text_first else segs
 
 
 def query_segments(text: str | None, image: Image.Image | None, crop: Image.Image | None = None) -> list[Segment]:

@@ -1,0 +1,75 @@
+"""The held-out real-artwork check: its source split, and "photos never make a product harder to find
+by text" on real drawings and photographs (eval split, real decoding, real encoders)."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from moonsearch.data import real
+from moonsearch.data.render import PHOTOS
+from moonsearch.eval import real_bench
+
+
+@pytest.fixture(scope="module")
+def eval_set():
+    return real.build("eval", max_products=60)
+
+
+def test_fit_and_eval_share_no_vendor_and_no_photograph():
+    sp = real.splits()
+    real.check_disjoint(sp["fit"], sp["eval"])
+    # nothing the synthetic world (what the models are fitted on) photographs is an eval background
+    assert not set(sp["eval"].photos) & set(PHOTOS)
+    with pytest.raises(ValueError, match="share sources"):
+        real.check_disjoint(sp["fit"], dataclasses.replace(sp["eval"], queries=("tabler",)))
+
+
+def test_eval_set_draws_only_on_eval_vendors(eval_set):
+    sp = real.splits()["eval"]
+    assert set(eval_set.sources) <= set(sp.products)
+    image_queries = [q for q in eval_set.queries if q["image"] is not None]
+    assert image_queries and {q["source"] for q in image_queries} <= set(sp.queries)
+    # the query drawing is another vendor's drawing, never the product's own picture
+    ids = {x: i for i, x in enumerate(eval_set.item_ids)}
+    for q in image_queries:
+        own = np.asarray(eval_set.clean[ids[q["item_id"]]])
+        assert q["source"] != eval_set.sources[ids[q["item_id"]]] and not np.array_equal(np.asarray(q["image"]), own)
+
+
+def test_the_set_is_seeded_and_emoji_sources_are_refused(eval_set):
+    again = real.build("eval", max_products=60)
+    assert again.item_ids == eval_set.item_ids
+    assert np.array_equal(np.asarray(again.listing[7]), np.asarray(eval_set.listing[7]))
+    with pytest.raises(ValueError):
+        real.fetch("twemoji")
+
+
+def _text_rank_change(enc, data):
+    res = real_bench.evaluate(enc, data, ("clean+listing", "listing", "no photos"))
+    return res, res["text_rank_change"]
+
+
+@pytest.mark.parametrize("name", ["clip_mini", "moon_mini"])
+def test_photos_never_make_a_product_harder_to_find_by_text(name, request, eval_set):
+    enc = request.getfixturevalue(name)
+    res, change = _text_rank_change(enc, eval_set)
+    for variant in ("clean+listing", "listing"):
+        assert change[variant]["worse"] <= 1, (variant, change)
+        assert res["rows"][variant]["text"]["R@1"] >= res["rows"]["no photos"]["text"]["R@1"] - 1 / 60
+    # and the photos do their job: another artist's drawing finds the product more often with them
+    assert res["rows"]["clean+listing"]["image"]["R@10"] > res["rows"]["no photos"]["image"]["R@10"]
+
+
+def test_the_check_catches_photos_that_drown_the_text(moon_mini, eval_set):
+    """The paper's pooling (one mean over every position, images first) on the same weights: the
+    image tokens swamp the title, and the check above would fail."""
+    from moonsearch.models.moon.encoder import MoonEncoder
+
+    cfg = dataclasses.replace(moon_mini.cfg, pool="mean", text_first=False, visual_product=0.0)
+    model = moon_mini.model
+    saved, model.cfg = model.cfg, cfg
+    try:
+        _, change = _text_rank_change(MoonEncoder(model, "moon-mini-mean", "mean-pool"), eval_set)
+    finally:
+        model.cfg = saved
+    assert change["clean+listing"]["worse"] > 10, change

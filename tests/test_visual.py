@@ -1,0 +1,41 @@
+"""The visual block: unit vectors, weights by input kind, text rankings untouched by photos."""
+import numpy as np
+
+from moonsearch.models.base import Product, Query, l2_normalize
+from moonsearch.models.visual import VisualBlock, compose, group_mean, input_kinds
+
+
+def test_compose_weights_blocks_and_keeps_photo_products_on_the_text_scale():
+    rng = np.random.default_rng(0)
+    sem = l2_normalize(rng.normal(size=(3, 8)))
+    vis = group_mean(rng.random((3, 5)).astype(np.float32), [2, 1, 0])  # third product: no photos
+    assert np.allclose(np.linalg.norm(vis, axis=1), [1, 1, 0])
+    block = VisualBlock(product=0.6, dim=5)
+    x = compose(sem, vis, block.weights(input_kinds(["a", "b", "c"], [2, 1, 0], products=True)))
+    assert np.allclose(np.linalg.norm(x, axis=1), [1, 1, 0.8], atol=1e-6)
+    q = compose(sem[:1], np.zeros((1, 5), np.float32), block.weights(input_kinds(["a"], [0], products=False)))
+    # a text query sees only the semantic block, and every product at the same scale 0.8
+    assert np.allclose(q @ x.T, 0.8 * sem[:1] @ sem.T, atol=1e-6)
+
+
+def test_query_kinds_get_their_own_weights():
+    block = VisualBlock(product=0.7, image_query=0.9, text_image_query=0.4)
+    kinds = input_kinds(["red", None, "red"], [0, 1, 1], products=False)
+    assert kinds == ["text", "image", "text+image"]
+    assert np.allclose(block.weights(kinds), [0, 0.9, 0.4])
+
+
+def test_clip_mini_carries_raw_image_features(clip_mini, world):
+    from moonsearch.data.images import load_image
+    import pyarrow.parquet as pq
+
+    row = pq.read_table(world / "catalog.parquet").to_pylist()[0]
+    img = load_image(row["images"][0], world)
+    v = clip_mini.encode_queries([Query(image=img), Query("red sneakers")])
+    sem = clip_mini.semantic_dim
+    feats = clip_mini.image_tower.features([img])[0].numpy()
+    # the image query's visual block is its normalised EfficientNet features, weighted 0.7
+    assert np.allclose(v[0, sem:], 0.7 * l2_normalize(feats)[0], atol=1e-5)
+    assert np.allclose(v[1, sem:], 0)  # a text query carries no visual evidence
+    p = clip_mini.encode_products([Product("x", images=[img, img])])
+    assert np.allclose(p[0, sem:], clip_mini.visual.product * l2_normalize(feats)[0], atol=1e-5)

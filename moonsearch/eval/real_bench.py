@@ -108,7 +108,7 @@ def _plot(results: list[dict], path: Path) -> None:
         ax.set_title(f"{m} -> product, R@10")
         ax.set_ylim(0, 1)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8, loc="upper right")
     fig.suptitle(f"held-out real artwork ({results[0]['split']} split, {results[0]['products']} products)")
     fig.tight_layout()
     with atomic_path(path) as tmp:

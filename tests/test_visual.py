@@ -39,3 +39,13 @@ def test_clip_mini_carries_raw_image_features(clip_mini, world):
     assert np.allclose(v[1, sem:], 0)  # a text query carries no visual evidence
     p = clip_mini.encode_products([Product("x", images=[img, img])])
     assert np.allclose(p[0, sem:], clip_mini.visual.product * l2_normalize(feats)[0], atol=1e-5)
+
+
+def test_a_tower_on_another_device_never_moves_the_shared_one():
+    from moonsearch.models.towers import ImageTower, _effnet
+
+    tower = ImageTower(160, "meta")  # any non-CPU device: the shared CPU module must stay put
+    assert tower.model is not _effnet()
+    assert next(_effnet().parameters()).device.type == "cpu"
+    assert next(tower.model.parameters()).device.type == "meta"
+    assert ImageTower(160, "cpu").model is _effnet()

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import copy
 from functools import lru_cache
 from typing import Sequence
 
@@ -39,7 +40,9 @@ class ImageTower:
     def __init__(self, image_size: int = 160, device: str = "cpu"):
         self.size = image_size
         self.device = device
-        self.model = _effnet().to(device)
+        # the cached module stays on the CPU for every other consumer (the detector feeds it CPU
+        # tensors): a tower on another device owns its own copy instead of moving the shared one
+        self.model = _effnet() if torch.device(device).type == "cpu" else copy.deepcopy(_effnet()).to(device)
 
     @torch.inference_mode()
     def features(self, images: Sequence[Image.Image], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

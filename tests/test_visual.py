@@ -49,3 +49,17 @@ def test_a_tower_on_another_device_never_moves_the_shared_one():
     assert next(_effnet().parameters()).device.type == "cpu"
     assert next(tower.model.parameters()).device.type == "meta"
     assert ImageTower(160, "cpu").model is _effnet()
+
+
+def test_moon_fingerprint_changes_with_anything_that_changes_the_vectors():
+    import dataclasses
+
+    from moonsearch.models.moon import builtin_config
+    from moonsearch.models.moon.encoder import vector_fingerprint
+
+    cfg = builtin_config("moon-mini-base")
+    base = vector_fingerprint(cfg, b"weights")
+    assert vector_fingerprint(cfg, b"weights") == base
+    for change in (dict(pool="mean"), dict(text_first=False), dict(visual_product=0.0), dict(cropper="centre")):
+        assert vector_fingerprint(dataclasses.replace(cfg, **change), b"weights") != base, change
+    assert vector_fingerprint(cfg, b"other weights") != base

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from moonsearch.data.render import PHOTOS, photo
+
 # set -> pinned version; "colour" sets are drawn in colour, the rest are glyphs drawn in one ink
 SOURCES = {
     "flat-color-icons": "1.2.3", "fluent-color": "1.2.21", "mdi": "1.2.3", "lucide": "1.2.137",
@@ -51,8 +53,6 @@ class Split:
 
 
 def splits() -> dict[str, Split]:
-    from moonsearch.data.render import PHOTOS
-
     return {
         "fit": Split("fit", ("streamline-ultimate-color", "streamline-freehand-color"),
                      ("tabler", "ph"), tuple(PHOTOS), prefixed=True),
@@ -137,22 +137,6 @@ def draw(source: str, name: str, size: int = 224, ink: str = "#202020") -> Image
     out = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     out.alpha_composite(rgba)
     return out.convert("RGB")
-
-
-@lru_cache(maxsize=None)
-def photo(name: str) -> np.ndarray:
-    """A real photograph, RGB uint8."""
-    if name == "grace_hopper":
-        from matplotlib import cbook
-
-        with cbook.get_sample_data("grace_hopper.jpg") as f:
-            return np.asarray(Image.open(f).convert("RGB"))
-    from skimage import data
-
-    img = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
-    if img.ndim == 2:
-        img = np.stack([img] * 3, -1)
-    return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
 
 
 def listing_photo(main: Image.Image, distractors: list[Image.Image], background: np.ndarray,

@@ -21,15 +21,23 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "brick", "grass", "gravel"
 @lru_cache(maxsize=1)
 def _photos() -> list[np.ndarray]:
     """Real photographs shipped with scikit-image, used as cluttered backgrounds."""
+    return [photo(name) for name in PHOTOS]
+
+
+@lru_cache(maxsize=None)
+def photo(name: str) -> np.ndarray:
+    """A real photograph by name, RGB uint8: scikit-image's, or matplotlib's ``grace_hopper``."""
+    if name == "grace_hopper":
+        from matplotlib import cbook
+
+        with cbook.get_sample_data("grace_hopper.jpg") as f:
+            return np.asarray(Image.open(f).convert("RGB"))
     from skimage import data
 
-    out = []
-    for name in PHOTOS:
-        img = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
-        if img.ndim == 2:
-            img = np.stack([img] * 3, -1)
-        out.append(np.ascontiguousarray(img[..., :3]).astype(np.uint8))
-    return out
+    img = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
+    if img.ndim == 2:
+        img = np.stack([img] * 3, -1)
+    return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
 
 
 @lru_cache(maxsize=4)

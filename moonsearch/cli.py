@@ -39,22 +39,28 @@ def default_index() -> Path:
 
 
 def friendly(fn):
-    """Known failures become one line on stderr and exit code 2."""
+    """Bad input (a ``UserError``, or a path that is not there or not readable) becomes one line on
+    stderr and exit code 2. Anything else is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
-        from moonsearch.data.catalog import CatalogError
-        from moonsearch.data.images import ImageError
-        from moonsearch.index.category import IndexMismatch
+        from moonsearch.errors import UserError
 
         try:
             return fn(*a, **kw)
-        except (CatalogError, IndexMismatch, ImageError, FileNotFoundError, ValueError, KeyError) as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            err.print(f"[red]error:[/red] {msg}", highlight=False)
+        except (UserError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+            err.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
             raise typer.Exit(2)
 
     return wrapper
+
+
+def at_least(name: str, value, low: int = 1) -> None:
+    """``--name`` must be >= low (None: not given)."""
+    from moonsearch.errors import UserError
+
+    if value is not None and value < low:
+        raise UserError(f"{name} {value}: expected {low} or more")
 
 
 def _progress(description: str):
@@ -92,6 +98,7 @@ def demo_data(
     """Write the synthetic product world: catalog.parquet, images/, behavior.parquet, queries/."""
     from moonsearch.data.synthetic import generate_vectors, generate_world
 
+    at_least("--n", n), at_least("--dim", dim), at_least("--image-size", image_size, 32), at_least("--workers", workers)
     if vectors_only:
         summary = generate_vectors(out, n, dim=dim, seed=seed)
     else:
@@ -145,8 +152,10 @@ def index(
     model: Annotated[str, typer.Option(help="encoder name (see 'moonsearch models')")] = "clip-mini",
     level: Annotated[Optional[int], typer.Option(help="category depth for the per-category split (default: leaf)")] = None,
     append: Annotated[bool, typer.Option(help="add the catalog's new items to an existing index")] = False,
-    nprobe: Annotated[int, typer.Option(help="IVF lists visited per query")] = 32,
-    rerank: Annotated[int, typer.Option(help="exact re-rank of rerank*k PQ candidates (0: off)")] = 8,
+    nprobe: Annotated[Optional[int], typer.Option(help="IVF lists visited per query (default 32; "
+                                                  "--append: the index's)")] = None,
+    rerank: Annotated[Optional[int], typer.Option(help="exact re-rank of rerank*k PQ candidates (0: off; "
+                                                  "default 8; --append: the index's)")] = None,
     bytes_per_vector: Annotated[Optional[float], typer.Option(help="PQ bytes per vector (default dim/4)")] = None,
     batch_size: Annotated[int, typer.Option(help="encoder batch size")] = 32,
     device: Annotated[Optional[str], typer.Option(help="torch device (default: cuda if present)")] = None,
@@ -156,8 +165,14 @@ def index(
     from moonsearch.indexer.run import IndexJob, run_index
     from moonsearch.utils.io import atomic_write_json
 
-    job = IndexJob(catalog, out, model, level, IndexParams(nprobe=nprobe, rerank=rerank,
-                   bytes_per_vector=bytes_per_vector), append, batch_size, device=device)
+    at_least("--level", level), at_least("--nprobe", nprobe), at_least("--rerank", rerank, 0)
+    at_least("--batch-size", batch_size)
+    if bytes_per_vector is not None and bytes_per_vector <= 0:
+        at_least("--bytes-per-vector", bytes_per_vector)
+    given = {k: v for k, v in dict(nprobe=nprobe, rerank=rerank, bytes_per_vector=bytes_per_vector).items()
+             if v is not None}
+    job = IndexJob(catalog, out, model, level, IndexParams(**given) if given else None, append, batch_size,
+                   device=device)
     with _progress("embedding") as prog:
         rep = run_index(job, progress=_with_progress(prog))
     atomic_write_json({"index": str(out.resolve())}, _last_index_file())
@@ -186,17 +201,27 @@ def query(
     """Search by text, by photo (optionally with text), or by product id."""
     from moonsearch.search.service import SearchService
 
+    from moonsearch.errors import UserError
+
     if not text and image is None and product is None:
-        raise ValueError("give query text, --image PATH or --product ITEM_ID")
+        raise UserError("give query text, --image PATH or --product ITEM_ID")
+    if product is not None and (text or image is not None):
+        raise UserError("--product finds products like an item and takes no query text or --image; "
+                        "give one of: TEXT, --image PATH (with optional TEXT), --product ITEM_ID")
+    if include_group and product is None:
+        raise UserError("--include-group applies to --product searches only")
+    at_least("-k", k), at_least("--route", route, 0)
     svc = SearchService(index_dir or default_index(), encoder=model)
     kw = dict(k=k, categories=category, route=route)
-    if product:
+    query_img = None
+    if product is not None:
         hits = svc.search_product(product, exclude_group=not include_group, **kw)
         label = f"products like {product}"
     elif image is not None:
         from moonsearch.data.images import load_image
 
-        hits = svc.search_image(load_image(str(image.resolve())), text=text, **kw)
+        query_img = load_image(str(image.resolve()))
+        hits = svc.search_image(query_img, text=text, **kw)
         label = f"photo {image}" + (f" + '{text}'" if text else "")
     else:
         hits = svc.search_text(text, **kw)
@@ -204,7 +229,6 @@ def query(
     if picture:
         from moonsearch.search.picture import hits_picture
 
-        query_img = load_image(str(image.resolve())) if image is not None else None
         hits_picture(hits, label, picture, query_img)
     if as_json:
         print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=1))
@@ -241,6 +265,7 @@ def delete(
 
 
 @app.command()
+@friendly
 def models():
     """List the encoder names the registry knows."""
     from moonsearch.models.base import available
@@ -250,6 +275,7 @@ def models():
 
 
 @app.command("fit-clip-mini")
+@friendly
 def fit_clip_mini(
     out: Annotated[Optional[Path], typer.Option(help="heads file (default: the packaged one)")] = None,
     n: Annotated[int, typer.Option(help="products in the training world")] = 1500,
@@ -260,6 +286,7 @@ def fit_clip_mini(
     from moonsearch.models.clip.mini import HEADS_FILE
     from moonsearch.trainer.clip_mini import main as fit
 
+    at_least("--n", n, 16), at_least("--epochs", epochs)
     fit(out or HEADS_FILE, n=n, seed=seed, epochs=epochs, log=console.print)
 
 
@@ -289,13 +316,14 @@ def train(
     Multi-GPU / multi-node: torchrun --nproc-per-node N -m moonsearch.trainer.loop --preset NAME."""
     import yaml
 
+    from moonsearch.errors import UserError
     from moonsearch.trainer.config import load_config
     from moonsearch.trainer.loop import train as run_training
 
     extra = {}
     for kv in set_ or []:
         if "=" not in kv:
-            raise typer.BadParameter(f"--set {kv!r}: expected key=value")
+            raise UserError(f"--set {kv!r}: expected key=value")
         k, v = kv.split("=", 1)
         extra[k.strip()] = yaml.safe_load(v)
     cfg = load_config(preset, config, model=model, data=data, out=out, run_name=run_name, steps=steps,
@@ -317,6 +345,7 @@ def train(
 
 
 @app.command("fit-detector")
+@friendly
 def fit_detector(
     n: Annotated[int, typer.Option(help="training photos")] = 3000,
     epochs: Annotated[int, typer.Option()] = 60,
@@ -324,6 +353,7 @@ def fit_detector(
     """Rebuild the core-product detector's box head (about 2 minutes on 2 CPU cores)."""
     from moonsearch.vision.detector import fit
 
+    at_least("--n", n, 16), at_least("--epochs", epochs)
     console.print(f"saved {fit(n=n, epochs=epochs, log=console.print)}")
 
 
@@ -343,7 +373,7 @@ def demo(
     if not (out / "behavior.parquet").exists():
         demo_data(out=out, n=n, seed=0, vectors_only=False, dim=256, image_size=160, workers=None)
     idx = out / "index"
-    index(out / "catalog.parquet", out=idx, model=model, level=None, append=False, nprobe=32, rerank=8,
+    index(out / "catalog.parquet", out=idx, model=model, level=None, append=False, nprobe=None, rerank=None,
           bytes_per_vector=None, batch_size=32, device=None)
     svc = SearchService(idx)
     print_hits(svc.search_text("red sneakers", k=5), "'red sneakers'")
@@ -369,6 +399,10 @@ def bench_recall(
     from moonsearch.eval import recall_bench
     from moonsearch.search.service import SearchService
 
+    for r in route or []:
+        at_least("--route", r, 0)
+    at_least("--limit", limit)
+
     svc = SearchService(index_dir or data / "index")
     results = []
     for r in route or [0]:
@@ -381,6 +415,7 @@ def bench_recall(
 
 
 @bench_app.command("index")
+@friendly
 def bench_index(
     sizes: Annotated[list[int], typer.Option("--size", help="catalog sizes (vectors-only world)")] = [10_000, 100_000],
     dim: Annotated[int, typer.Option(help="vector dimension")] = 256,
@@ -389,6 +424,9 @@ def bench_index(
     """Per-category IVF-PQ vs exact search, a single flat and a single global IVF-PQ index."""
     from moonsearch.eval import index_bench
 
+    for n in sizes:
+        at_least("--size", n, 1000)
+    at_least("--dim", dim, 8)
     index_bench.main(sizes, dim, out, log=console.print)
 
 
@@ -405,6 +443,8 @@ def bench_zero_shot(
     """The paper's zero-shot tasks (retrieval, classification, attribute prediction), models side by side."""
     from moonsearch.eval import zero_shot
     from moonsearch.models.base import create_encoder
+
+    at_least("--limit", limit)
 
     results = [zero_shot.evaluate(create_encoder(m), data, limit=limit) for m in model]
     zero_shot.write(results, out, name)
@@ -429,8 +469,11 @@ def bench_real(
     from moonsearch.eval import real_bench
     from moonsearch.models.base import create_encoder
 
+    from moonsearch.errors import UserError
+
+    at_least("--limit", limit)
     if split not in real.splits():
-        raise ValueError(f"--split: {split!r} is not one of {', '.join(real.splits())}")
+        raise UserError(f"--split: {split!r} is not one of {', '.join(real.splits())}")
     with console.status(f"drawing the {split} split's artwork"):
         data = real.build(split, max_products=limit)
     results = []

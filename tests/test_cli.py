@@ -1,5 +1,6 @@
 """The commands users type, through typer's CliRunner, on a real tiny world and real indices."""
 import json
+import re
 
 import pyarrow.parquet as pq
 from typer.testing import CliRunner
@@ -17,8 +18,8 @@ def _ok(args):
 
 def test_help_lists_commands():
     out = _ok(["--help"])
-    for cmd in ("demo-data", "validate", "index", "query", "delete", "bench", "demo"):
-        assert cmd in out
+    listed = {m.group(1) for m in re.finditer(r"^\W*([a-z][a-z-]*)\s{2,}\S", out, re.M)}  # "│ demo   The ..."
+    assert {"demo-data", "validate", "index", "query", "delete", "bench", "demo", "models", "train"} <= listed
 
 
 def test_three_query_kinds_through_the_cli(tiny_index, world):
@@ -27,11 +28,18 @@ def test_three_query_kinds_through_the_cli(tiny_index, world):
     assert len(hits) == 7 and {"item_id", "score", "title", "category", "attributes"} <= set(hits[0])
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
 
+    # the command decodes the photo and asks the library: same hits as SearchService on the same photo
+    from moonsearch.data.images import load_image
+    from moonsearch.search.service import SearchService
+
+    svc = SearchService(tiny_index)
     img = world / cat[3]["images"][0]
+    photo = load_image(str(img))
     hits = json.loads(_ok(["query", "--image", str(img), "--index", str(tiny_index), "--json", "-k", "3"]))
-    assert hits[0]["item_id"] == cat[3]["item_id"] or len(hits) == 3
+    assert [h["item_id"] for h in hits] == [h.item_id for h in svc.search_image(photo, k=3)]
     both = json.loads(_ok(["query", "red", "--image", str(img), "--index", str(tiny_index), "--json", "-k", "3"]))
-    assert [h["item_id"] for h in both] != [h["item_id"] for h in hits] or both[0]["score"] != hits[0]["score"]
+    assert [h["item_id"] for h in both] == [h.item_id for h in svc.search_image(photo, text="red", k=3)]
+    assert [h["score"] for h in both] != [h["score"] for h in hits]  # the words change the query vector
 
     groups = {}
     for r in cat:
@@ -40,9 +48,13 @@ def test_three_query_kinds_through_the_cli(tiny_index, world):
     siblings = set(next(ids for ids in groups.values() if item in ids))
     hits = json.loads(_ok(["query", "--product", item, "--index", str(tiny_index), "--json", "-k", "10"]))
     assert len(hits) == 10 and siblings.isdisjoint(h["item_id"] for h in hits)
-    hits = json.loads(_ok(["query", "--product", item, "--index", str(tiny_index), "--json", "-k", "10",
-                           "--include-group"]))
-    assert item not in {h["item_id"] for h in hits}
+    # with k past the catalog's size every item comes back: the variants only with --include-group
+    everything = json.loads(_ok(["query", "--product", item, "--index", str(tiny_index), "--json", "-k", "500",
+                                 "--include-group"]))
+    ids = {h["item_id"] for h in everything}
+    assert item not in ids and siblings - {item} <= ids and len(ids) == len(cat) - 1
+    without = json.loads(_ok(["query", "--product", item, "--index", str(tiny_index), "--json", "-k", "500"]))
+    assert {h["item_id"] for h in without} == ids - siblings
 
     table = _ok(["query", "mug", "--index", str(tiny_index), "-k", "3"])
     assert "score" in table and "title" in table
@@ -74,6 +86,62 @@ def test_errors_are_one_line(tmp_path, tiny_index):
     assert res.exit_code == 2 and "missing image file" in res.output
 
 
+def _bad(args, *needles):
+    """Bad input: exit 2 and one line naming the problem, no traceback."""
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, (args, res.exit_code, res.output, res.exception)
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output
+    for n in needles:
+        assert n in res.output, (n, res.output)
+
+
+def test_bad_command_lines_answer_one_line_and_exit_2(tiny_index, world, tmp_path):
+    cat = pq.read_table(world / "catalog.parquet").to_pylist()
+    img, idx = str(world / cat[0]["images"][0]), str(tiny_index)
+    _bad(["query", "mug", "--index", idx, "-k", "0"], "-k 0")
+    _bad(["query", "mug", "--index", idx, "-k", "-5"], "-k -5")
+    _bad(["query", "mug", "--index", idx, "--route", "-1"], "--route -1")
+    _bad(["query", "--product", cat[0]["item_id"], "--image", img, "--index", idx], "--product")
+    _bad(["query", "mug", "--product", cat[0]["item_id"], "--index", idx], "--product")
+    _bad(["query", "--product", cat[0]["item_id"], "--image", img, "--picture", str(tmp_path / "p.png"),
+          "--index", idx], "--product")
+    _bad(["query", "mug", "--include-group", "--index", idx], "--include-group")
+    _bad(["query", "mug", "--index", idx, "--model", "no-such-model"], "no-such-model")
+    _bad(["bench", "index", "--size", "5", "--out", str(tmp_path)], "--size 5")
+    _bad(["demo-data", "--n", "0", "--out", str(tmp_path / "w")], "--n 0")
+    _bad(["train", "--preset", "no-such-preset"], "no-such-preset")
+    _bad(["train", "--preset", "moon-tiny-test", "--set", "steps"], "key=value")
+    _bad(["bench", "real", "--split", "train"], "--split")
+    # a product search with a picture works (no photo of the query)
+    _ok(["query", "--product", cat[0]["item_id"], "--picture", str(tmp_path / "p.png"), "--index", idx, "-k", "3"])
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_bug_keeps_its_traceback():
+    """Only bad input becomes a one-liner: an error inside the library is not dressed up as one."""
+    import pytest
+
+    from moonsearch.cli import friendly
+    from moonsearch.errors import UserError
+
+    @friendly
+    def buggy():
+        raise ValueError("shapes (3,) and (4,) not aligned")
+
+    with pytest.raises(ValueError, match="not aligned"):
+        buggy()
+
+    @friendly
+    def user():
+        raise UserError("bad")
+
+    import typer
+
+    with pytest.raises(typer.Exit):
+        user()
+
+
 def test_demo_main_job_and_recall_bench(tmp_path):
     """The quick start's main command, on a small world and the tiny model, then the recall benchmark."""
     out = _ok(["demo", "--out", str(tmp_path / "d"), "--n", "60", "--model", "clip-tiny"])
@@ -99,3 +167,21 @@ def test_index_command_and_delete(world, tmp_path):
     assert "removed 2 of 2" in text and "118 items left" in text
     hits = json.loads(_ok(["query", "anything", "--index", str(out), "--json", "-k", "200"]))
     assert {"P0000001", "P0000002"}.isdisjoint(h["item_id"] for h in hits) and len(hits) == 118
+
+
+def test_append_keeps_the_index_level_and_params(world, tmp_path):
+    cat = pq.read_table(world / "catalog.parquet")
+    first, extra = tmp_path / "first.parquet", tmp_path / "extra.parquet"
+    pq.write_table(cat.slice(0, 80), first)
+    pq.write_table(cat.slice(80), extra)
+    out = tmp_path / "idx"
+    _ok(["index", str(first), "--out", str(out), "--model", "clip-tiny", "--level", "1", "--nprobe", "8"])
+    before = json.loads((out / "manifest.json").read_text())
+    _bad(["index", str(extra), "--out", str(out), "--model", "clip-tiny", "--append", "--level", "2"], "level 1")
+    _bad(["index", str(extra), "--out", str(out), "--model", "clip-tiny", "--append", "--nprobe", "16"], "nprobe 8")
+    text = _ok(["index", str(extra), "--out", str(out), "--model", "clip-tiny", "--append"])
+    assert "indexed 40 items" in text
+    after = json.loads((out / "manifest.json").read_text())
+    assert after["level"] == 1 and after["params"]["nprobe"] == 8
+    assert all(len(c["path"]) == 1 for c in after["categories"].values())  # no leaf categories beside them
+    assert set(after["categories"]) >= set(before["categories"]) and after["count"] == 120

@@ -33,11 +33,12 @@ import pyarrow.parquet as pq
 
 from moonsearch.data.images import ImageRef
 from moonsearch.utils.io import atomic_write_text
+from moonsearch.errors import UserError
 
 KNOWN = ("item_id", "title", "category", "attributes", "images", "image_bytes", "group_id", "image_boxes")
 
 
-class CatalogError(Exception):
+class CatalogError(UserError):
     """The catalog cannot be used at all (unreadable file, no item_id column, no rows)."""
 
 

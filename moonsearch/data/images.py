@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Union
 
 from PIL import Image
+from moonsearch.errors import UserError
 
 ImageRef = Union[str, bytes]
 MAX_PIXELS = 64_000_000  # anything larger is treated as a decompression bomb
 MAX_DOWNLOAD_BYTES = 32 * 1024 * 1024
 
 
-class ImageError(Exception):
+class ImageError(UserError):
     """An image could not be used; the message is the reason shown to the user."""
 
 

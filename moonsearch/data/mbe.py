@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moonsearch.utils.io import atomic_write_parquet
+from moonsearch.errors import UserError
 
 LEVELS = ("doc_industry_name", "doc_cate1_name", "doc_cate2_name", "doc_cate3_name", "doc_cate4_name")
 
@@ -62,7 +63,7 @@ def convert(src: str | Path, out: str | Path) -> Path:
     src, out = Path(src), Path(out)
     rows = read_rows(src)
     if not rows or "doc_title" not in rows[0]:
-        raise ValueError(f"{src}: not in the MBE layout (expected doc_title, doc_image, doc_cate1_name, ...)")
+        raise UserError(f"{src}: not in the MBE layout (expected doc_title, doc_image, doc_cate1_name, ...)")
     items, titles, cats, attrs, images = [], [], [], [], []
     for i, r in enumerate(rows):
         items.append(str(r.get("doc_id") or f"mbe-{i}"))

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from moonsearch.data.render import PHOTOS, photo
+from moonsearch.errors import UnknownItem, UserError
 
 # set -> pinned version; "colour" sets are drawn in colour, the rest are glyphs drawn in one ink
 SOURCES = {
@@ -71,9 +72,9 @@ def check_disjoint(a: Split, b: Split) -> None:
 def fetch(source: str, cache: Path | None = None) -> dict:
     """The iconify JSON of ``source`` (``{"icons": {name: {"body": svg}}, "width": .., ...}``)."""
     if source not in SOURCES:
-        raise ValueError(f"unknown artwork source {source!r}; known: {', '.join(SOURCES)}")
+        raise UnknownItem(f"unknown artwork source {source!r}; known: {', '.join(SOURCES)}")
     if any(w in source for w in ("emoji", "noto", "twemoji", "openmoji")):
-        raise ValueError(f"{source}: emoji artwork is reserved for outside evaluation")
+        raise UserError(f"{source}: emoji artwork is reserved for outside evaluation")
     return _load(source, str(cache or _cache()))
 
 

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from moonsearch.index import faiss_backend as fb
 from moonsearch.utils.io import atomic_write_json, load_npy
+from moonsearch.errors import UserError
 
 META_SCHEMA = pa.schema([
     ("seq", pa.int64()), ("item_id", pa.string()), ("title", pa.string()), ("category", pa.list_(pa.string())),
@@ -32,7 +33,7 @@ META_SCHEMA = pa.schema([
 ])
 
 
-class IndexMismatch(Exception):
+class IndexMismatch(UserError):
     """The index was built by another encoder, or its files disagree."""
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from moonsearch.index.category import CategoryIndex, IndexMismatch
 from moonsearch.utils.io import atomic_path, atomic_write_json
+from moonsearch.errors import MissingFile
 
 FORMAT = 1
 
@@ -84,7 +85,7 @@ class IndexSet:
         root = Path(root)
         mpath = root / "manifest.json"
         if not mpath.exists():
-            raise FileNotFoundError(f"{root}: not a moonsearch index (no manifest.json); build one with "
+            raise MissingFile(f"{root}: not a moonsearch index (no manifest.json); build one with "
                                     "'moonsearch index catalog.parquet --out DIR'")
         manifest = json.loads(mpath.read_text())
         cats = {}

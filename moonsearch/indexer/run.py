@@ -29,6 +29,7 @@ from moonsearch.index.faiss_backend import IndexParams
 from moonsearch.index.index_set import EmbeddingCache, IndexSet, category_key, new_manifest, slugify
 from moonsearch.models.base import Encoder, Product, create_encoder
 from moonsearch.utils.io import append_jsonl
+from moonsearch.errors import UserError
 
 
 @dataclass
@@ -37,7 +38,7 @@ class IndexJob:
     out: Path
     model: str = "clip-mini"
     level: int | None = None  # category depth to index at (None = leaf)
-    params: IndexParams = field(default_factory=IndexParams)
+    params: IndexParams | None = None  # None: the defaults (a new index) or the manifest's (append)
     append: bool = False
     batch_size: int = 32
     max_images: int = 4
@@ -133,6 +134,24 @@ class _Loader:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+def append_settings(existing: IndexSet, job: IndexJob) -> tuple[int | None, IndexParams]:
+    """The category level and index parameters an append must use: the index's own (from its manifest).
+    An option on the command line that disagrees is refused rather than silently splitting the index
+    two ways (a level-1 index with leaf categories appended beside it)."""
+    level = existing.manifest.get("level")
+    params = IndexParams(**existing.manifest["params"])
+    if job.level is not None and job.level != level:
+        where = level if level is not None else "leaf"
+        raise UserError(f"--append: {existing.root} splits categories at level {where}, "
+                        f"not {job.level}; drop --level, or rebuild without --append")
+    if job.params is not None and job.params != params:
+        diff = ", ".join(f"{k} {getattr(params, k)} (asked {getattr(job.params, k)})"
+                         for k in params.to_dict() if getattr(params, k) != getattr(job.params, k))
+        raise UserError(f"--append: {existing.root} was built with {diff}; drop those options, or rebuild "
+                        "without --append")
+    return level, params
+
+
 def run_index(job: IndexJob, encoder: Encoder | None = None,
               progress: Callable[[int], Callable[[int], None]] | None = None) -> IndexReport:
     """Build (or extend, with ``job.append``) the index at ``job.out``; see the module docstring.
@@ -146,9 +165,11 @@ def run_index(job: IndexJob, encoder: Encoder | None = None,
     encoder = encoder or create_encoder(job.model, job.device)
     info = encoder.describe()
     existing = IndexSet.load(out) if job.append else None
+    level, params = job.level, job.params or IndexParams()
     seen: set[str] = set()
     if existing:
         existing.check_encoder(info)
+        level, params = append_settings(existing, job)
         for c in existing.categories.values():
             seen.update(c.meta.column("item_id").to_pylist())
     records = list(iter_catalog(catalog, report.problems.append, seen=seen))
@@ -203,7 +224,7 @@ def run_index(job: IndexJob, encoder: Encoder | None = None,
     usable = [(r, k) for r, k in zip(records, keys) if k in cache]
     groups: dict[str, tuple[list[str], list[CatalogRecord], list[str]]] = {}
     for r, k in usable:
-        path = category_key(r.category, job.level)
+        path = category_key(r.category, level)
         slug = slugify(path)
         groups.setdefault(slug, (path, [], []))[1].append(r)
         groups[slug][2].append(k)
@@ -211,14 +232,14 @@ def run_index(job: IndexJob, encoder: Encoder | None = None,
     if existing:
         index_set = existing
     else:
-        index_set = IndexSet(out, new_manifest(info, job.level, job.params.to_dict(), str(catalog.resolve())), {})
+        index_set = IndexSet(out, new_manifest(info, level, params.to_dict(), str(catalog.resolve())), {})
     for slug, (path, recs, ks) in sorted(groups.items()):
         vecs = np.stack([cache.get(k) for k in ks])  # (n, d) float16
         meta = _meta_table(recs, base)
         if slug in index_set.categories:
             index_set.categories[slug] = index_set.categories[slug].append(vecs, meta)
         else:
-            index_set.categories[slug] = CategoryIndex.write(cats_dir / slug, vecs, meta, job.params, info, path)
+            index_set.categories[slug] = CategoryIndex.write(cats_dir / slug, vecs, meta, params, info, path)
     if not existing and cats_dir.exists():  # a full rebuild drops categories the catalog no longer has
         import shutil
 

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
+from moonsearch.errors import UnknownItem, UserError
 
 
 @dataclass
@@ -24,7 +25,7 @@ class Query:
 
     def __post_init__(self):
         if not self.text and self.image is None:
-            raise ValueError("a query needs text, an image, or both")
+            raise UserError("a query needs text, an image, or both")
 
     @property
     def modality(self) -> str:
@@ -115,7 +116,7 @@ def fuse(img, sizes: list[int], txt, has_text: list[bool], fusion: Fusion):
             parts.append(fusion.text_weight * txt[t])
             t += 1
         if not parts:
-            raise ValueError(f"input {i} has neither text nor image")
+            raise UserError(f"input {i} has neither text nor image")
         out.append(F.normalize(sum(parts), dim=-1) if len(parts) > 1 else parts[0])
     return torch.stack(out)
 
@@ -220,11 +221,11 @@ def create_encoder(name: str, device: str | None = None) -> Encoder:
     if ":" not in name and ("/" in name or name.startswith(".")):
         spec = folder_spec(name)
         if spec is None:
-            raise ValueError(f"{name}: not a checkpoint folder (no MOON, clip-mini or open_clip config in it)")
+            raise UserError(f"{name}: not a checkpoint folder (no MOON, clip-mini or open_clip config in it)")
         name = spec
     for pattern, factory, _ in _FACTORIES:
         m = pattern.fullmatch(name)
         if m:
             return factory(*m.groups(), device=device)
     names = ", ".join(p.pattern for p, _, _ in _FACTORIES)
-    raise ValueError(f"unknown encoder {name!r}; known patterns: {names}")
+    raise UnknownItem(f"unknown encoder {name!r}; known patterns: {names}")

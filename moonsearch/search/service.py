@@ -23,6 +23,7 @@ from moonsearch.index.faiss_backend import IndexParams
 from moonsearch.index.index_set import IndexSet
 from moonsearch.index.multi import multi_search
 from moonsearch.models.base import Encoder, Query, create_encoder
+from moonsearch.errors import UnknownItem, UserError
 
 
 @dataclass
@@ -38,6 +39,11 @@ class Hit:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise UserError(f"k={k}: expected the number of hits (1 or more)")
 
 
 def parse_category(text: str) -> list[str]:
@@ -96,6 +102,9 @@ class SearchService:
                        route: int | None = None, exclude: set[str] | None = None,
                        params: IndexParams | None = None) -> list[list[Hit]]:
         """(nq, d) L2-normalised float32 -> per query the top-k hits over the chosen categories."""
+        check_k(k)
+        if route is not None and (isinstance(route, bool) or route < 0):
+            raise UserError(f"route={route}: expected the number of categories to search (1 or more; 0 or none: all)")
         xq = np.ascontiguousarray(xq, np.float32)
         assert xq.ndim == 2 and xq.shape[1] == self.index.encoder["dim"], (xq.shape, self.index.encoder["dim"])
         slugs = self._select(categories)
@@ -129,7 +138,7 @@ class SearchService:
                   if any(self.index.categories[s].infos["category"][:len(w)] == w for w in wanted)]
         if not chosen:
             known = sorted(" > ".join(self.index.categories[s].infos["category"]) for s in self.slugs)
-            raise ValueError(f"no indexed category matches {list(categories)}; known: {', '.join(known)}")
+            raise UnknownItem(f"no indexed category matches {list(categories)}; known: {', '.join(known)}")
         return chosen
 
     def _hit(self, slug: str, row: int, score: float) -> Hit:
@@ -147,7 +156,7 @@ class SearchService:
                     if g:
                         self._groups.setdefault(g, []).append(iid)
         if item_id not in self._item_loc:
-            raise KeyError(f"item {item_id!r} is not in the index {self.index.root}")
+            raise UnknownItem(f"item {item_id!r} is not in the index {self.index.root}")
         return self._item_loc[item_id]
 
     def _group_members(self, group: str) -> list[str]:

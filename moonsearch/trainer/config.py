@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
+from moonsearch.errors import MissingFile, UserError
 
 PRESETS = Path(__file__).parent / "presets"
 
@@ -64,7 +65,7 @@ def _read(src: Path) -> dict:
     """A YAML preset or config; ``inherit: <preset>`` starts from that preset."""
     if not src.exists():
         known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
-        raise FileNotFoundError(f"no preset or config {src} (presets: {known})")
+        raise MissingFile(f"no preset or config {src} (presets: {known})")
     values = yaml.safe_load(src.read_text()) or {}
     parent = values.pop("inherit", None)
     return _merge(_read(PRESETS / f"{parent}.yaml") if parent else {}, values)
@@ -88,7 +89,7 @@ def load_config(preset: str | None = None, path: str | Path | None = None, **ove
     names = {f.name for f in fields(TrainConfig)}
     unknown = set(values) - names
     if unknown:
-        raise ValueError(f"unknown training config keys: {', '.join(sorted(unknown))}")
+        raise UserError(f"unknown training config keys: {', '.join(sorted(unknown))}")
     if "modality_mix" in values:
         values["modality_mix"] = tuple(values["modality_mix"])
     defaults = TrainConfig()
@@ -101,9 +102,9 @@ def load_config(preset: str | None = None, path: str | Path | None = None, **ove
                     raise ValueError
                 values[k] = want(f)
             except (TypeError, ValueError):
-                raise ValueError(f"training config {k}: expected {want.__name__}, got {v!r}") from None
+                raise UserError(f"training config {k}: expected {want.__name__}, got {v!r}") from None
         elif want is bool and not isinstance(v, bool):
-            raise ValueError(f"training config {k}: expected true or false, got {v!r}")
+            raise UserError(f"training config {k}: expected true or false, got {v!r}")
     return replace(defaults, **values)
 
 

@@ -33,6 +33,7 @@ from moonsearch.training.losses import false_negative_mask, info_nce
 from moonsearch.training.queue import NegativeQueue, id_hash
 from moonsearch.training.sampler import UniqueBatchSampler
 from moonsearch.utils.io import append_jsonl, atomic_path, atomic_write_json, atomic_write_text
+from moonsearch.errors import MissingFile, UserError
 
 MODALITIES = ("text", "image", "text+image")
 
@@ -51,7 +52,7 @@ def load_pairs(data: Path, cfg: TrainConfig) -> tuple[list[Pair], list[Pair]]:
     """Training pairs (resampled to the modality mix) and validation pairs (the latest by time)."""
     for f in ("catalog.parquet", "behavior.parquet"):
         if not (data / f).exists():
-            raise FileNotFoundError(f"{data / f} not found: training needs a catalog and a behaviour log "
+            raise MissingFile(f"{data / f} not found: training needs a catalog and a behaviour log "
                                     f"(the demo world: moonsearch demo-data --out {data})")
     rows = [b for b in pq.read_table(data / "behavior.parquet").to_pylist() if b["split"] == "train"]
     rows.sort(key=lambda b: b["timestamp"])
@@ -166,12 +167,12 @@ class Trainer:
         self.enc, self.model = self.tm.encoder, self.tm.module
         self.fsdp = cfg.strategy == "fsdp" and is_distributed()
         if cfg.strategy not in ("ddp", "fsdp"):
-            raise ValueError(f"strategy {cfg.strategy!r}: expected ddp or fsdp")
+            raise UserError(f"strategy {cfg.strategy!r}: expected ddp or fsdp")
         if self.fsdp:  # parameters, gradients and optimiser state sharded over ranks, layer by layer
             from torch.distributed.fsdp import fully_shard
 
             if not hasattr(self.model, "moe_layers"):
-                raise ValueError("strategy fsdp shards MOON models; the CLIP baselines train with ddp")
+                raise UserError("strategy fsdp shards MOON models; the CLIP baselines train with ddp")
             for layer in getattr(getattr(self.model, "adapter", None), "decoder_layers", lambda: [])():
                 fully_shard(layer)
             fully_shard(self.model)
@@ -307,7 +308,7 @@ class Trainer:
         if epoch not in self._epoch_lens:
             self._epoch_lens[epoch] = len(self.sampler.batches(epoch))
             if not self._epoch_lens[epoch]:
-                raise ValueError(f"{self.data}: the training split has fewer than {self.cfg.batch_size} distinct "
+                raise UserError(f"{self.data}: the training split has fewer than {self.cfg.batch_size} distinct "
                                  "items (or groups) for one batch; lower batch_size")
         return self._epoch_lens[epoch]
 
@@ -486,7 +487,7 @@ def publish_moon_mini(final: Path) -> Path:
 
     conf = json.loads((Path(final) / "config.json").read_text())
     if conf.get("weights") != "trained" or conf["moon"].get("source") != "smollm2-135m":
-        raise ValueError(f"{final}: only a moon-mini run that stored its trained tensors alone can be published")
+        raise UserError(f"{final}: only a moon-mini run that stored its trained tensors alone can be published")
     from safetensors.torch import load_file, save_file
 
     tmp = MINI_CHECKPOINT.with_name(MINI_CHECKPOINT.name + ".tmp")

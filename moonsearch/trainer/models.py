@@ -28,6 +28,7 @@ from torch import nn
 from moonsearch.models.base import Product, Query, product_text
 from moonsearch.trainer.config import TrainConfig
 from moonsearch.utils.cache import fill_missing
+from moonsearch.errors import UserError
 
 
 class Trainable:
@@ -73,10 +74,10 @@ class MoonTrainable(Trainable):
             self.encoder = fresh_encoder(base, cfg.model, device)
         else:
             if cfg.model_options:
-                raise ValueError(f"{cfg.model}: model_options apply to untrained builtin models only")
+                raise UserError(f"{cfg.model}: model_options apply to untrained builtin models only")
             self.encoder = create_encoder(cfg.model, device)
             if not isinstance(self.encoder, MoonEncoder):
-                raise ValueError(f"{cfg.model}: not a MOON encoder")
+                raise UserError(f"{cfg.model}: not a MOON encoder")
             if cfg.trainable == "experts+lora" and cfg.lora_rank and not self.encoder.cfg.lora_rank:
                 apply_lora(self.encoder.model, cfg.lora_rank)
                 self.encoder.model.cfg = self.encoder.cfg = replace(self.encoder.cfg, lora_rank=cfg.lora_rank)
@@ -131,7 +132,7 @@ def _with_options(base, options: dict):
     moe = opts.pop("moe", None)
     unknown = set(opts) - set(base.to_dict())
     if unknown:
-        raise ValueError(f"unknown model_options: {', '.join(sorted(unknown))}")
+        raise UserError(f"unknown model_options: {', '.join(sorted(unknown))}")
     out = replace(base, **opts)
     if moe:
         out = replace(out, moe=replace(out.moe, **moe) if isinstance(out.moe, MoEConfig) else MoEConfig(**moe))
@@ -256,7 +257,7 @@ class OpenClipTrainable(_DualTrainable):
 def trainable(cfg: TrainConfig, device: str) -> Trainable:
     clip = cfg.model in ("clip-mini", "clip-tiny") or cfg.model.startswith(("clip-mini:", "clip:"))
     if clip and cfg.model_options:
-        raise ValueError(f"{cfg.model}: model_options configure MOON models (clear them with model_options: {{}})")
+        raise UserError(f"{cfg.model}: model_options configure MOON models (clear them with model_options: {{}})")
     if cfg.model == "clip-mini" or cfg.model.startswith("clip-mini:"):
         return ClipMiniTrainable(cfg, device)
     if cfg.model == "clip-tiny" or cfg.model.startswith("clip:"):

@@ -29,6 +29,7 @@ from torch import nn
 from moonsearch.models.base import DualEncoder, Fusion
 from moonsearch.models.towers import ImageTower, MiniLMTextTower
 from moonsearch.models.visual import VisualBlock
+from moonsearch.errors import MissingFile
 
 ASSETS = Path(__file__).parent / "assets"
 HEADS_FILE = ASSETS / "clip_mini_heads.safetensors"
@@ -114,7 +115,7 @@ class ClipMini(DualEncoder):
         if path.is_dir():  # a trainer checkpoint folder (moonsearch train --preset clip-finetune)
             path = path / "heads.safetensors"
         if not path.exists():
-            raise FileNotFoundError(f"clip-mini heads not found at {path}; build them with "
+            raise MissingFile(f"clip-mini heads not found at {path}; build them with "
                                     "'moonsearch fit-clip-mini' (about 3 minutes on 2 cores)")
         self.heads, self.meta = load_heads(path)
         self.heads.to(self.device)

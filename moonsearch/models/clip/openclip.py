@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from moonsearch.models.base import DualEncoder, Fusion
+from moonsearch.errors import MissingFile, UserError
 
 TINY_MODEL_CFG = {
     "embed_dim": 32,
@@ -52,7 +53,7 @@ class OpenClipEncoder(DualEncoder):
         if folder.is_dir():
             weights = sorted(folder.glob("*.safetensors"))
             if not (folder / "open_clip_config.json").exists() or not weights:
-                raise FileNotFoundError(f"{folder}: a CLIP folder needs open_clip_config.json and a .safetensors "
+                raise MissingFile(f"{folder}: a CLIP folder needs open_clip_config.json and a .safetensors "
                                         "checkpoint (pickled .bin/.pt files are refused)")
             model_name, pretrained = f"local-dir:{folder}", None
             self.fingerprint = hashlib.sha1(b"".join(w.read_bytes() for w in weights)).hexdigest()[:16]
@@ -60,7 +61,7 @@ class OpenClipEncoder(DualEncoder):
             model_name, pretrained = spec.split("/", 1)
             self.fingerprint = f"{model_name}/{pretrained}"
         else:
-            raise ValueError(f"clip:{spec}: expected clip:<arch>/<pretrained tag> or clip:<local folder>")
+            raise UserError(f"clip:{spec}: expected clip:<arch>/<pretrained tag> or clip:<local folder>")
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
         self.model = self.model.to(self.device).eval()
         self.tokenizer = open_clip.get_tokenizer(model_name)

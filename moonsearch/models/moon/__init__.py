@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moonsearch.models.base import register
+from moonsearch.errors import MissingFile
 
 ASSETS = Path(__file__).parent / "assets"
 MINI_CHECKPOINT = ASSETS / "moon-mini"  # trained weights only (experts, gates, projector, LoRA): a few MB
@@ -49,7 +50,7 @@ def _moon_mini(device=None):
     from moonsearch.models.moon.encoder import load_pretrained
 
     if not (MINI_CHECKPOINT / "config.json").exists():
-        raise FileNotFoundError(f"moon-mini's trained weights are missing ({MINI_CHECKPOINT}); rebuild them with "
+        raise MissingFile(f"moon-mini's trained weights are missing ({MINI_CHECKPOINT}); rebuild them with "
                                 "'moonsearch train --preset moon-mini-cpu --publish'")
     return load_pretrained(MINI_CHECKPOINT, device, name="moon-mini")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from moonsearch.models.moon.adapters import ComposedAdapter, QwenVLAdapter
+from moonsearch.errors import UserError
 
 
 def smollm2_folder() -> Path:
@@ -71,12 +72,12 @@ def build_adapter(cfg):
 
         model = AutoModel.from_pretrained(cfg.source)
         if model.config.model_type not in ("qwen2_vl", "qwen2_5_vl"):
-            raise ValueError(f"{cfg.source}: model type {model.config.model_type!r} is not Qwen2-VL or Qwen2.5-VL")
+            raise UserError(f"{cfg.source}: model type {model.config.model_type!r} is not Qwen2-VL or Qwen2.5-VL")
         if cfg.freeze_vision:
             model.visual.requires_grad_(False)
         return QwenVLAdapter(model, AutoTokenizer.from_pretrained(cfg.source),
                              AutoImageProcessor.from_pretrained(cfg.source), image_size=cfg.image_size)
-    raise ValueError(f"unknown backbone {cfg.backbone!r} (expected 'composed' or 'qwen-vl')")
+    raise UserError(f"unknown backbone {cfg.backbone!r} (expected 'composed' or 'qwen-vl')")
 
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]

@@ -21,6 +21,7 @@ from torch import nn
 from moonsearch.models.base import Encoder, Product, Query
 from moonsearch.models.moon import moe as moe_mod
 from moonsearch.models.moon.tokens import IMAGE_KINDS, POOLED, TEXT_KINDS, product_segments, query_segments
+from moonsearch.errors import UserError
 
 FORMAT = "moonsearch-moon/1"
 
@@ -104,7 +105,7 @@ class MoonModel(nn.Module):
         if self.cfg.pool == "mean":
             return masked_mean(POOLED)[0]
         if self.cfg.pool != "split":
-            raise ValueError(f"pool: {self.cfg.pool!r} is neither 'mean' nor 'split'")
+            raise UserError(f"pool: {self.cfg.pool!r} is neither 'mean' nor 'split'")
         (t, has_t), (i, has_i) = masked_mean(TEXT_KINDS), masked_mean(IMAGE_KINDS)
         w = self.cfg.text_pool_weight
         wt = torch.where(has_i, torch.full_like(has_t, w, dtype=hidden.dtype), torch.ones_like(t[:, :1]))
@@ -316,7 +317,7 @@ def load_pretrained(folder: str | Path, device: str | None = None, name: str | N
     if conf.get("weights") == "trained":  # the rest comes from the backbone's own weights
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected:
-            raise ValueError(f"{weights}: tensors the model does not have: {', '.join(unexpected[:5])}")
+            raise UserError(f"{weights}: tensors the model does not have: {', '.join(unexpected[:5])}")
     else:
         model.load_state_dict(state, strict=True)
     return MoonEncoder(model, name or f"moon:{folder}", vector_fingerprint(cfg, weights.read_bytes()), device)

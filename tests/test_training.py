@@ -85,6 +85,45 @@ def test_two_gloo_processes_see_each_others_negatives(tmp_path):
         assert torch.equal(got["grad"], torch.ones(2, 3))  # the local slice keeps its gradient
 
 
+def _reduce_worker(rank, world, init, out):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from moonsearch.training.distributed import all_reduce_gradients
+
+    # a short timeout: ranks issuing different collectives fail the test instead of hanging it
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    if rank == 0:  # an "expert" that received tokens on rank 0 only
+        a.grad = torch.full((3,), 4.0)
+    c.grad = torch.full((3,), float(rank + 1))  # every rank
+    all_reduce_gradients([a, b, c], bucket_elems=4)  # small buckets: several collectives per call
+    torch.save({"a": a.grad, "b_none": b.grad is None, "c": c.grad}, os.path.join(out, f"g{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_gradient_averaging_survives_parameters_without_gradient_on_one_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_reduce_worker, args=(2, f"file://{tmp_path}/init", str(tmp_path)), nprocs=2, join=True)
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"g{r}.pt", weights_only=True)
+        assert got["a"].tolist() == [2.0] * 3  # (4 + 0) / 2 on both ranks
+        assert got["b_none"]  # no rank touched it: it stays None, the optimiser skips it
+        assert got["c"].tolist() == [1.5] * 3
+
+
+def test_the_trainer_builds_each_epoch_once(train_cfg):
+    from moonsearch.trainer.loop import Trainer
+
+    tr = Trainer(replace(train_cfg, batch_size=8))
+    per_epoch = tr._epoch_len(0)
+    for step in range(per_epoch + 3):  # all of epoch 0, into epoch 1
+        tr.batch_at(step)
+    assert tr.sampler.builds == 2, tr.sampler.builds
+
+
 @pytest.fixture(scope="module")
 def train_cfg(world, tmp_path_factory):
     from moonsearch.trainer.config import load_config
@@ -169,9 +208,12 @@ def _train_worker(rank, world, init, cfg, out):
 
     import torch.distributed as dist
 
+    from datetime import timedelta
+
     from moonsearch.trainer.loop import Trainer
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    # a timeout: ranks issuing different collectives fail the test instead of hanging it
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60))
     tr = Trainer(cfg)
     rows = [tr.train_step() for _ in range(2)]
     state = {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
@@ -200,6 +242,41 @@ def test_two_gloo_trainer_processes_share_negatives_and_stay_in_step(train_cfg, 
     moved = [k for k in w0 if not torch.equal(w0[k], init[k])]
     assert moved  # training changed the weights ...
     for k in w0:  # ... identically on both ranks
+        assert torch.allclose(w0[k], w1[k], atol=1e-6), k
+
+
+def test_two_gloo_ranks_with_hard_negatives_and_queue_on_single_group_leaves(train_cfg, world, tmp_path):
+    """Leaf categories whose items all share one group have no hard negative: each rank still gathers
+    as many products as the others (a random other-group product stands in), so the all-gather and
+    the positive offsets agree and training goes on in step."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch.multiprocessing as mp
+
+    data = tmp_path / "data"
+    data.mkdir()
+    cat = pq.read_table(world / "catalog.parquet")
+    rows = cat.to_pylist()
+    leaves = sorted({tuple(r["category"]) for r in rows})
+    single = set(leaves[::2])  # every other leaf: one group for the whole leaf
+    groups = [f"leaf:{'/'.join(r['category'])}" if tuple(r["category"]) in single else r["group_id"] for r in rows]
+    pq.write_table(cat.set_column(cat.schema.get_field_index("group_id"), "group_id", pa.array(groups)),
+                   data / "catalog.parquet")
+    beh = pq.read_table(world / "behavior.parquet")
+    pq.write_table(beh, data / "behavior.parquet")
+    for f in world.iterdir():
+        if f.is_dir():
+            (data / f.name).symlink_to(f)
+    cfg = replace(train_cfg, data=str(data), out=str(tmp_path / "runs"), batch_size=8, queue_size=32,
+                  hard_negatives=True, hard_negative_index="")
+    mp.spawn(_train_worker, args=(2, f"file://{tmp_path}/init", cfg, str(tmp_path)), nprocs=2, join=True)
+    m = [json.loads((tmp_path / f"m{r}.json").read_text()) for r in (0, 1)]
+    # 4 queries + 4 hard negatives per rank: step 1 scores 16 gathered products, step 2 16 + 16 queued
+    assert m[0]["candidates"] == m[1]["candidates"] == [16, 32]
+    w0, w1 = (torch.load(tmp_path / f"w{r}.pt", weights_only=True) for r in (0, 1))
+    for k in w0:
         assert torch.allclose(w0[k], w1[k], atol=1e-6), k
 
 
@@ -335,9 +412,12 @@ def test_config_values_are_typed_and_named_when_wrong():
 def _fsdp_worker(rank, world, init, cfg, out):
     import torch.distributed as dist
 
+    from datetime import timedelta
+
     from moonsearch.trainer.loop import Trainer
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    # a timeout: ranks issuing different collectives fail the test instead of hanging it
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60))
     tr = Trainer(cfg)
     for _ in range(2):
         tr.train_step()

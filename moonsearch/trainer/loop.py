@@ -28,7 +28,7 @@ from moonsearch.data.catalog import CatalogRecord, iter_catalog
 from moonsearch.data.images import ImageError, load_image
 from moonsearch.models.base import Product, Query
 from moonsearch.trainer.config import TrainConfig
-from moonsearch.training.distributed import all_gather_with_grad, is_distributed, rank_and_world
+from moonsearch.training.distributed import all_gather_with_grad, all_reduce_gradients, is_distributed, rank_and_world
 from moonsearch.training.losses import false_negative_mask, info_nce
 from moonsearch.training.queue import NegativeQueue, id_hash
 from moonsearch.training.sampler import UniqueBatchSampler
@@ -81,6 +81,7 @@ class Batches:
         self.by_leaf: dict[tuple, list[str]] = {}
         for r in self.records.values():
             self.by_leaf.setdefault(tuple(r.category), []).append(r.item_id)
+        self.all_ids = sorted(self.records)
         self._images: dict[str, object] = {}
         self.neighbours: dict[str, list[str]] = {}
         if cfg.hard_negative_index:
@@ -105,16 +106,28 @@ class Batches:
     def query(self, p: Pair) -> Query:
         return Query(p.text, self.image(p.image) if p.image else None)
 
-    def hard_negative(self, p: Pair, rng: np.random.Generator) -> str | None:
+    def hard_negative(self, p: Pair, rng: np.random.Generator, fallback: bool = False) -> str | None:
         """A same-category product that is not the positive nor its variant: one of its nearest
-        neighbours in the given index, else any product of its leaf category."""
+        neighbours in the given index, else any product of its leaf category; where the leaf holds
+        only the positive's group, None, or with ``fallback`` a random product of another group."""
         def ok(i):
             return i in self.records and i != p.item_id and (p.group_id is None or self.records[i].group_id != p.group_id)
 
         pool = [i for i in self.neighbours.get(p.item_id, []) if ok(i)]
         if not pool:
             pool = [i for i in self.by_leaf[tuple(self.records[p.item_id].category)] if ok(i)]
-        return str(rng.choice(pool)) if pool else None
+        if pool:
+            return str(rng.choice(pool))
+        if not fallback:
+            return None
+        for _ in range(100):  # rejection sampling: other-group products are the vast majority
+            i = self.all_ids[int(rng.integers(len(self.all_ids)))]
+            if ok(i):
+                return i
+        others = [i for i in self.all_ids if ok(i)]
+        if not others:
+            raise UserError(f"{self.data}: every product shares the group of {p.item_id}; no negative exists")
+        return str(rng.choice(others))
 
 
 def index_neighbours(root: Path, k: int) -> dict[str, list[str]]:
@@ -325,8 +338,9 @@ class Trainer:
             rng = np.random.default_rng([cfg.seed, 7, self.step, micro, self.rank])
             items = [p.item_id for p in pairs]
             groups = [p.group_id for p in pairs]
-            hard = [self.batches.hard_negative(p, rng) for p in pairs] if cfg.hard_negatives else []
-            hard = [h for h in hard if h is not None]
+            # one hard negative per pair on every rank (a random other-group product where the category
+            # has none), so all ranks gather equally many products and rank r's positives sit at r * len
+            hard = [self.batches.hard_negative(p, rng, fallback=True) for p in pairs] if cfg.hard_negatives else []
             bare = rng.random(len(items) + len(hard)) < cfg.field_dropout
             products = [self.batches.product(i, b) for i, b in zip(items + hard, bare)]
             queries = [self.batches.query(p) for p in pairs]
@@ -372,12 +386,7 @@ class Trainer:
                                 c_items[:n_local * (self.world if cfg.gather else 1)],
                                 c_groups[:n_local * (self.world if cfg.gather else 1)])
         if is_distributed() and not self.fsdp:
-            import torch.distributed as dist
-
-            for p in self.params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= self.world
+            all_reduce_gradients(self.params)  # same collectives on every rank, missing gradients as zeros
         t1 = time.perf_counter()
         if cfg.clip:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)

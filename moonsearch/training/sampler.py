@@ -15,9 +15,18 @@ class UniqueBatchSampler:
         self.items, self.groups = list(items), [g or f"item:{i}" for g, i in zip(groups, items)]
         self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
         self.rank, self.world_size = rank, world_size
+        self._cached: tuple[int, list[list[int]]] | None = None
+        self.builds = 0  # epochs built (each once while the trainer stays in it)
 
     def batches(self, epoch: int) -> list[list[int]]:
-        """Global batches (indices into the pair list) for one epoch."""
+        """Global batches (indices into the pair list) for one epoch; the last epoch asked for is kept,
+        so the trainer, which asks for the batch of every step, builds each epoch once (not once per step)."""
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, self._build(epoch))
+            self.builds += 1
+        return self._cached[1]
+
+    def _build(self, epoch: int) -> list[list[int]]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
         out, pending = [], list(order)
         while pending:

@@ -179,3 +179,29 @@ def test_crops_are_computed_once_per_image_and_persisted(tmp_path, tiny_folder):
     again.use_crop_cache(tmp_path / "boxes.jsonl")
     again.encode_products(prods)
     assert len(calls) == 2  # a new process reads the boxes instead of cropping again
+
+
+def test_grounding_cropper_is_selectable_from_a_config():
+    """cropper: grounding builds a GroundingCropper around the qwen-vl backbone's own generative model
+    (a tiny local Qwen2-VL here) and the encoder runs with it; without a source it is one clear error."""
+    from dataclasses import replace
+
+    from moonsearch.errors import UserError
+    from moonsearch.models.moon import builtin_config
+    from moonsearch.models.moon.encoder import MoonConfig, fresh_encoder
+    from moonsearch.models.base import Product
+
+    cfg = replace(builtin_config("moon-tiny"), cropper="grounding")
+    enc = fresh_encoder(cfg, "tiny-grounding")
+    assert isinstance(enc.cropper, GroundingCropper)
+    assert enc.cropper.model.config.model_type == "qwen2_vl" and hasattr(enc.cropper.model, "generate")
+    img = Image.new("RGB", (96, 96), (255, 255, 255))
+    img.paste((200, 30, 30), (30, 30, 70, 70))
+    v = enc.encode_products([Product("red box", images=[img])])
+    assert v.shape == (1, enc.dim) and np.isfinite(v).all()
+    # an untrained model answers garbage: the box comes from the fallback, and that is counted
+    assert enc.cropper.fallbacks >= 1
+    with pytest.raises(UserError, match="grounding_source"):
+        fresh_encoder(MoonConfig(cropper="grounding"), "x")
+    with pytest.raises(UserError, match="cropper 'nope'"):
+        fresh_encoder(replace(cfg, cropper="nope"), "x")

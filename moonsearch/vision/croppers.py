@@ -18,6 +18,8 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from moonsearch.errors import UserError
+
 Box = tuple[int, int, int, int]
 
 
@@ -130,12 +132,27 @@ class GroundingCropper:
         self.max_new_tokens = max_new_tokens
         self.fallbacks = 0  # how often the answer was unusable
 
+    @classmethod
+    def from_pretrained(cls, source: str, device: str = "cpu", **kw) -> "GroundingCropper":
+        """A Qwen2-VL / Qwen2.5-VL generative model (hub id or local folder) and its processor."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(source)
+        model = AutoModelForImageTextToText.from_pretrained(source).to(device).eval()
+        if model.config.model_type not in ("qwen2_vl", "qwen2_5_vl"):
+            raise UserError(f"{source}: grounding needs a Qwen2-VL or Qwen2.5-VL model, not {model.config.model_type!r}")
+        return cls(model, processor, **kw)
+
     def answer(self, image: Image.Image, title: str) -> str:
         import torch
 
         messages = [{"role": "user", "content": [{"type": "image"},
                                                  {"type": "text", "text": self.PROMPT.format(title=title)}]}]
-        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        if getattr(self.processor, "chat_template", None):
+            prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        else:  # a processor saved without its template: Qwen-VL's own chat layout
+            prompt = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+                      f"{self.PROMPT.format(title=title)}<|im_end|>\n<|im_start|>assistant\n")
         inputs = self.processor(text=[prompt], images=[image], return_tensors="pt").to(self.model.device)
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
@@ -167,4 +184,17 @@ def _detector():
     return DetectorCropper()
 
 
-CROPPERS = {"centre": CentreCropper, "saliency": SaliencyCropper, "detector": _detector}
+CROPPERS = {"centre": CentreCropper, "saliency": SaliencyCropper, "detector": _detector,
+            "grounding": GroundingCropper.from_pretrained}
+
+
+def make_cropper(name: str, grounding_source: str = "", device: str = "cpu"):
+    """The cropper a MOON config names. ``grounding`` needs a Qwen-VL source (hub id or local folder)."""
+    if name not in CROPPERS:
+        raise UserError(f"cropper {name!r}: expected one of {', '.join(CROPPERS)}")
+    if name == "grounding":
+        if not grounding_source:
+            raise UserError("cropper 'grounding' asks a Qwen2-VL / Qwen2.5-VL model for the box: set grounding_source "
+                            "to its hub id or local folder (or use backbone qwen-vl, whose source it then shares)")
+        return GroundingCropper.from_pretrained(grounding_source, device)
+    return CROPPERS[name]()

@@ -36,7 +36,8 @@ class MoonConfig:
     max_images: int = 4
     use_crops: bool = True  # feed the core-product crop of every image after the image
     crop_queries: bool = True  # query photos get their crop too (with use_crops), as product photos do
-    cropper: str = "detector"  # core-product cropper: detector (trained box head), saliency, centre
+    cropper: str = "detector"  # core-product cropper: detector (trained box head), saliency, centre, grounding
+    grounding_source: str = ""  # cropper grounding: Qwen-VL hub id / folder ("" = the qwen-vl backbone's source)
     use_moe: bool = True
     moe: moe_mod.MoEConfig = field(default_factory=moe_mod.MoEConfig)
     projection_dim: int | None = None  # None: the hidden size, no projection
@@ -152,9 +153,10 @@ class MoonEncoder(Encoder):
                                       self.cfg.visual_text_image_query)
             self.image_tower = ImageTower(self.cfg.image_size, self.device)
         self.dim = model.dim + (self.visual.dim if self.visual else 0)
-        from moonsearch.vision.croppers import CROPPERS
+        from moonsearch.vision.croppers import make_cropper
 
-        self.cropper = CROPPERS[self.cfg.cropper]()
+        grounding = self.cfg.grounding_source or (self.cfg.source if self.cfg.backbone == "qwen-vl" else "")
+        self.cropper = make_cropper(self.cfg.cropper, grounding, self.device) if self.cfg.use_crops else None
         self.boxes: dict[str, tuple] = {}  # image content hash -> core box: each image is cropped once
         self._box_file: Path | None = None
 

@@ -165,3 +165,25 @@ def test_indexer_append_and_rejects(world, clip_tiny, tmp_path):
     assert "missing image file" in reasons[("NEW1", "image skipped")]
     assert "no usable image and no title" in reasons[("NEW2", "row skipped")]
     assert rep.indexed == 41
+
+
+def test_index_bench_oracle_is_an_independent_brute_force():
+    """The bench's exact top-k is a numpy brute force (blocks merged), not the faiss index it measures."""
+    from moonsearch.eval.index_bench import exact_top_k
+
+    rng = np.random.default_rng(0)
+    xb, xq = rng.normal(size=(500, 16)).astype(np.float32), rng.normal(size=(20, 16)).astype(np.float32)
+    top = exact_top_k(xb, xq, 5, block=64)
+    assert (top == np.argsort(-(xq @ xb.T), axis=1, kind="stable")[:, :5]).all()
+
+
+@pytest.mark.slow
+def test_index_bench_measures_the_flat_row(tmp_path):
+    """The flat row's recall, build time and memory are measured, not written in as constants."""
+    from moonsearch.eval.index_bench import bench_size
+
+    rows = bench_size(3000, 32, tmp_path, log=lambda *a: None)
+    flat = next(r for r in rows if r["layout"] == "single flat")
+    assert flat["recall10"] >= 0.99 and flat["build_s"] > 0 and 32 * 4 <= flat["bytes_per_vector"] < 32 * 4 + 8
+    per_cat = [r for r in rows if r["layout"] == "per-category"]
+    assert per_cat and all(0 < r["recall10"] <= 1 for r in per_cat)

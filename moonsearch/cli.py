@@ -11,6 +11,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from moonsearch.paths import default_index, remember_index
+
 app = typer.Typer(help="moonsearch: multimodal product search (MOON encoders + per-category FAISS indices).",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 bench_app = typer.Typer(help="Benchmarks: recall@k on a behaviour log, ANN index quality and speed.",
@@ -18,24 +20,6 @@ bench_app = typer.Typer(help="Benchmarks: recall@k on a behaviour log, ANN index
 app.add_typer(bench_app, name="bench")
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
-
-
-def _last_index_file() -> Path:
-    from moonsearch.models.clip import cache_dir
-
-    return cache_dir() / "last_index.json"
-
-
-def default_index() -> Path:
-    f = _last_index_file()
-    if f.exists():
-        try:
-            p = Path(json.loads(f.read_text())["index"])
-            if (p / "manifest.json").exists():
-                return p
-        except (ValueError, KeyError):
-            pass
-    return Path("index")
 
 
 def friendly(fn):
@@ -163,7 +147,6 @@ def index(
     """Embed a catalog and build one FAISS index per category (resumable; re-runs reuse embeddings)."""
     from moonsearch.index.faiss_backend import IndexParams
     from moonsearch.indexer.run import IndexJob, run_index
-    from moonsearch.utils.io import atomic_write_json
 
     at_least("--level", level), at_least("--nprobe", nprobe), at_least("--rerank", rerank, 0)
     at_least("--batch-size", batch_size)
@@ -175,7 +158,7 @@ def index(
                    device=device)
     with _progress("embedding") as prog:
         rep = run_index(job, progress=_with_progress(prog))
-    atomic_write_json({"index": str(out.resolve())}, _last_index_file())
+    remember_index(out)
     console.print(f"indexed {rep.indexed} items into {rep.categories} categories at {out} "
                   f"(embedded {rep.embedded}, reused {rep.cached}; {rep.seconds['total']:.1f}s)")
     if rep.problems:
@@ -342,6 +325,20 @@ def train(
         from moonsearch.trainer.loop import publish_moon_mini
 
         console.print(f"moon-mini's weights are now {publish_moon_mini(final)}")
+
+
+@app.command("fit-visual")
+@friendly
+def fit_visual(
+    split: Annotated[str, typer.Option(help="real-artwork split to fit on (never 'eval', the held-out one)")] = "fit",
+    dim: Annotated[int, typer.Option(help="whitened dimensions")] = 256,
+    shrink: Annotated[float, typer.Option(help="eigenvalue shrinkage toward the mean (0: plain whitening)")] = 1.0,
+):
+    """Refit the visual block's whitening (the packaged transform both offline models use; ~3 minutes)."""
+    from moonsearch.models.visual import fit_packaged
+
+    at_least("--dim", dim, 8)
+    console.print(f"saved {fit_packaged(split=split, dim=dim, shrink=shrink, log=console.print)}")
 
 
 @app.command("fit-detector")

@@ -185,3 +185,17 @@ def test_append_keeps_the_index_level_and_params(world, tmp_path):
     assert after["level"] == 1 and after["params"]["nprobe"] == 8
     assert all(len(c["path"]) == 1 for c in after["categories"].values())  # no leaf categories beside them
     assert set(after["categories"]) >= set(before["categories"]) and after["count"] == 120
+
+
+def test_the_default_index_is_the_last_built_from_this_folder(world, tmp_path, monkeypatch):
+    """`query` without --index uses the index last built from the same working directory (not one
+    built by another checkout), and $MOONSEARCH_INDEX overrides it."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    monkeypatch.chdir(a)
+    _ok(["index", str(world / "catalog.parquet"), "--out", str(a / "shop-index"), "--model", "clip-tiny"])
+    assert json.loads(_ok(["query", "mug", "--json", "-k", "2"]))
+    monkeypatch.chdir(b)  # another checkout: its own record (none yet), not a's
+    _bad(["query", "mug", "-k", "2"], "not a moonsearch index")
+    monkeypatch.setenv("MOONSEARCH_INDEX", str(a / "shop-index"))
+    assert len(json.loads(_ok(["query", "mug", "--json", "-k", "2"]))) == 2

@@ -10,7 +10,7 @@ def test_compose_weights_blocks_and_keeps_photo_products_on_the_text_scale():
     sem = l2_normalize(rng.normal(size=(3, 8)))
     vis = group_mean(rng.random((3, 5)).astype(np.float32), [2, 1, 0])  # third product: no photos
     assert np.allclose(np.linalg.norm(vis, axis=1), [1, 1, 0])
-    block = VisualBlock(product=0.6, dim=5)
+    block = VisualBlock(product=0.6)
     x = compose(sem, vis, block.weights(input_kinds(["a", "b", "c"], [2, 1, 0], products=True)))
     assert np.allclose(np.linalg.norm(x, axis=1), [1, 1, 0.8], atol=1e-6)
     q = compose(sem[:1], np.zeros((1, 5), np.float32), block.weights(input_kinds(["a"], [0], products=False)))
@@ -25,20 +25,57 @@ def test_query_kinds_get_their_own_weights():
     assert np.allclose(block.weights(kinds), [0, 0.9, 0.4])
 
 
-def test_clip_mini_carries_raw_image_features(clip_mini, world):
+def test_clip_mini_carries_whitened_image_features(clip_mini, world):
     from moonsearch.data.images import load_image
+    from moonsearch.models.visual import load_whitening
     import pyarrow.parquet as pq
 
     row = pq.read_table(world / "catalog.parquet").to_pylist()[0]
     img = load_image(row["images"][0], world)
     v = clip_mini.encode_queries([Query(image=img), Query("red sneakers")])
     sem = clip_mini.semantic_dim
-    feats = clip_mini.image_tower.features([img])[0].numpy()
-    # the image query's visual block is its normalised EfficientNet features, weighted 0.7
-    assert np.allclose(v[0, sem:], 0.7 * l2_normalize(feats)[0], atol=1e-5)
+    # by hand: GeM-pooled EfficientNet features, normalised, centred, projected, normalised
+    fm = clip_mini.image_tower.model.feature_map(
+        __import__("moonsearch.models.towers", fromlist=["x"]).pil_to_tensor([img], 160, (127 / 255,) * 3, (128 / 255,) * 3))
+    gem = fm.detach().clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3).numpy()
+    mean, proj, _ = load_whitening(clip_mini.visual.whitening)
+    want = l2_normalize((l2_normalize(gem) - mean) @ proj)[0]
+    assert clip_mini.visual.dim == proj.shape[1] == v.shape[1] - sem
+    bq = clip_mini.visual.image_query
+    assert np.allclose(v[0, sem:], bq * want, atol=1e-4)
     assert np.allclose(v[1, sem:], 0)  # a text query carries no visual evidence
     p = clip_mini.encode_products([Product("x", images=[img, img])])
-    assert np.allclose(p[0, sem:], clip_mini.visual.product * l2_normalize(feats)[0], atol=1e-5)
+    assert np.allclose(p[0, sem:], clip_mini.visual.product * want, atol=1e-4)
+
+
+def test_the_packaged_whitening_was_fitted_on_the_fit_split_only():
+    from safetensors import safe_open
+
+    from moonsearch.data import real
+    from moonsearch.models.visual import WHITENING, whitening_path
+
+    with safe_open(str(whitening_path(WHITENING)), "np") as f:
+        meta = f.metadata()
+    assert meta["split"] == "fit"
+    fitted = set(meta["sources"].split(","))
+    assert fitted == set(real.splits()["fit"].all_sources())
+    assert fitted.isdisjoint(real.splits()["eval"].all_sources())
+
+
+def test_fit_whitening_decorrelates_and_refuses_the_held_out_split():
+    import pytest
+
+    from moonsearch.errors import UserError
+    from moonsearch.models.visual import fit_packaged, fit_whitening
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 16)) @ rng.normal(size=(16, 16))  # correlated features
+    mean, proj = fit_whitening(x, dim=8, shrink=0.0)
+    z = (l2_normalize(x) - mean) @ proj
+    cov = np.cov(z.T)
+    assert np.allclose(cov, np.eye(8), atol=0.05)  # whitened: unit variance, no correlation
+    with pytest.raises(UserError, match="held out"):
+        fit_packaged(name="never-written", split="eval")
 
 
 def test_a_tower_on_another_device_never_moves_the_shared_one():
@@ -60,6 +97,7 @@ def test_moon_fingerprint_changes_with_anything_that_changes_the_vectors():
     cfg = builtin_config("moon-mini-base")
     base = vector_fingerprint(cfg, b"weights")
     assert vector_fingerprint(cfg, b"weights") == base
-    for change in (dict(pool="mean"), dict(text_first=False), dict(visual_product=0.0), dict(cropper="centre")):
+    for change in (dict(pool="mean"), dict(text_first=False), dict(visual_product=0.0), dict(cropper="centre"),
+                   dict(visual_whitening="")):
         assert vector_fingerprint(dataclasses.replace(cfg, **change), b"weights") != base, change
     assert vector_fingerprint(cfg, b"other weights") != base

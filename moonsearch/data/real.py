@@ -52,6 +52,9 @@ class Split:
     photos: tuple[str, ...]  # background photographs of listing photos
     prefixed: bool = False  # product names lead with a topic word ("accounting-calculator"): match the rest too
 
+    def all_sources(self) -> list[str]:
+        return [*self.products, *self.queries, *(f"photo:{p}" for p in self.photos)]
+
 
 def splits() -> dict[str, Split]:
     return {
@@ -79,7 +82,7 @@ def fetch(source: str, cache: Path | None = None) -> dict:
 
 
 def _cache() -> Path:
-    from moonsearch.models.clip import cache_dir
+    from moonsearch.paths import cache_dir
 
     return cache_dir() / "real-artwork"
 

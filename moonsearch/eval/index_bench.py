@@ -67,7 +67,6 @@ def bench_size(n: int, dim: int, work: Path, log=print) -> list[dict]:
     xq = load_npy(folder / "queries.npy")
     cats = pq.read_table(folder / "catalog.parquet", columns=["category"]).column("category").to_pylist()
     leaf = np.array([c[-1] for c in cats])
-    f32 = xb.shape[1] * 4
     rows = []
 
     t = time.perf_counter()

@@ -9,7 +9,6 @@ to find by text.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 

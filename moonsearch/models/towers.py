@@ -16,6 +16,8 @@ from PIL import Image
 
 from moonsearch.models import efficientnet_lite as effnet
 
+GEM_P = 3.0  # generalised-mean pooling exponent of the visual block's features
+
 
 def pil_to_tensor(images: Sequence[Image.Image], size: int, mean, std) -> torch.Tensor:
     """Resize the shorter side to ``size``, centre-crop, normalise -> (n, 3, size, size) float32."""
@@ -45,16 +47,26 @@ class ImageTower:
         self.model = _effnet() if torch.device(device).type == "cpu" else copy.deepcopy(_effnet()).to(device)
 
     @torch.inference_mode()
-    def features(self, images: Sequence[Image.Image], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, logits = [], []
+    def pooled(self, images: Sequence[Image.Image], batch_size: int = 32
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One pass: average-pooled features (n, 1280), GeM-pooled features (p = 3, n, 1280: the strongest
+        activations weigh more, which suits retrieval) and ImageNet logits (n, 1000)."""
+        avg, gem, logits = [], [], []
         for s in range(0, len(images), batch_size):
             x = pil_to_tensor(images[s:s + batch_size], self.size, effnet.MEAN, effnet.STD).to(self.device)
-            f = self.model(x)  # (b, 1280)
-            feats.append(f.float().cpu())
-            logits.append(self.model.classify(f).float().cpu())  # (b, 1000)
-        if not feats:
-            return torch.zeros(0, self.dim), torch.zeros(0, 1000)
-        return torch.cat(feats), torch.cat(logits)
+            fm = self.model.feature_map(x)  # (b, 1280, h, w)
+            f = fm.mean(dim=(2, 3))
+            avg.append(f.float().cpu())
+            gem.append(fm.float().clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1 / GEM_P).cpu())
+            logits.append(self.model.classify(f).float().cpu())
+        if not avg:
+            return torch.zeros(0, self.dim), torch.zeros(0, self.dim), torch.zeros(0, 1000)
+        return torch.cat(avg), torch.cat(gem), torch.cat(logits)
+
+    def features(self, images: Sequence[Image.Image], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Average-pooled features (n, 1280) and ImageNet logits (n, 1000)."""
+        avg, _, logits = self.pooled(images, batch_size)
+        return avg, logits
 
 
 @lru_cache(maxsize=1)

@@ -1,4 +1,4 @@
-"""The visual block: raw pretrained image features kept beside a model's own vector.
+"""The visual block: pretrained image features kept beside a model's own vector.
 
 Learned heads (clip-mini's, MOON's projector and experts) are fitted on the synthetic world; on real
 drawings and photographs they throw away much of what the pretrained image tower knows (held-out
@@ -8,30 +8,93 @@ often than either trained model). So every embedding carries an identity path to
     vector = [ a * semantic ; b * visual ],   a = sqrt(1 - b^2)
 
 ``semantic`` is the model's L2-normalised vector (text space for clip-mini, pooled hidden states for
-MOON); ``visual`` is the L2-normalised mean of the L2-normalised pooled EfficientNet-Lite0 features
-of the input's images (zeros without images). Both blocks are unit, so the vector is unit, except a
-product without photos: its norm is a, its text scored on the same scale as every other product's. The inner
-product of a query and a product is ``a_q a_p <sem_q, sem_p> + b_q b_p <vis_q, vis_p>``: the weights
-say how much raw visual evidence each kind of input brings. A text query has b = 0, so its ranking
-is the semantic one: a product's photos can add to what its text says, never drown it.
+MOON); ``visual`` is the L2-normalised mean of the input's per-image visual vectors (zeros without
+images). A per-image visual vector is the GeM-pooled EfficientNet-Lite0 feature map, L2-normalised,
+centred and PCA-whitened (256 components, shrunk toward isotropy) by a transform fitted once on the
+real-artwork ``fit`` split (``moonsearch fit-visual``; never on the held-out ``eval`` split).
+Whitening stops a few dominant, style-bound directions (white backgrounds, line art vs flat colour)
+from deciding the cosine, so objects are matched rather than drawing styles.
+
+Both blocks are unit, so the vector is unit, except a product without photos: its norm is a, its
+text scored on the same scale as every other product's. The inner product of a query and a product is
+``a_q a_p <sem_q, sem_p> + b_q b_p <vis_q, vis_p>``: the weights say how much visual evidence each kind
+of input brings. A text query has b = 0, so its ranking is the semantic one: a product's photos can add
+to what its text says, never drown it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
-VISUAL_DIM = 1280  # EfficientNet-Lite0 pooled features
+from moonsearch.errors import MissingFile
+
+RAW_DIM = 1280  # EfficientNet-Lite0 pooled features
+WHITENING_DIR = Path(__file__).parent / "assets"
+WHITENING = "real-fit-v1"  # the packaged transform (moonsearch/models/assets/visual-real-fit-v1.safetensors)
+
+
+def whitening_path(name: str) -> Path:
+    return WHITENING_DIR / f"visual-{name}.safetensors"
+
+
+@lru_cache(maxsize=4)
+def load_whitening(name: str) -> tuple[np.ndarray, np.ndarray, bytes]:
+    """(mean (1280,), projection (1280, d), file bytes for fingerprints) of a packaged transform."""
+    from safetensors.numpy import load
+
+    path = whitening_path(name)
+    if not path.exists():
+        raise MissingFile(f"visual whitening {name!r} not found at {path}; fit it with 'moonsearch fit-visual'")
+    raw = path.read_bytes()
+    t = load(raw)
+    return t["mean"].astype(np.float32), t["projection"].astype(np.float32), raw
+
+
+def fit_whitening(feats: np.ndarray, dim: int = 256, shrink: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """PCA whitening of L2-normalised features: mean (D,), projection (D, dim). Eigenvalues are shrunk
+    toward their mean (lambda + shrink * mean(lambda)), so rare directions are not blown up by noise."""
+    from moonsearch.models.base import l2_normalize
+
+    x = l2_normalize(feats.astype(np.float64))
+    mean = x.mean(0)
+    _, sv, vt = np.linalg.svd(x - mean, full_matrices=False)
+    lam = sv[:dim] ** 2 / len(x)
+    proj = vt[:dim].T / np.sqrt(lam + shrink * lam.mean())
+    return mean.astype(np.float32), proj.astype(np.float32)
 
 
 @dataclass(frozen=True)
 class VisualBlock:
-    """Weights b of the visual block by input kind (0 turns the block's evidence off for that kind)."""
+    """Weights b of the visual block by input kind (0 turns the block's evidence off for that kind),
+    and the per-image transform (``whitening``: a packaged transform's name; "" = raw average-pooled
+    features, the first version of the block)."""
 
     product: float = 0.7071  # products with photos: semantic and visual blocks equally weighted
-    image_query: float = 0.7  # photo queries lean on the raw features (tuned on the real 'fit' split)
+    image_query: float = 0.9  # photo queries lean on the visual features (chosen on the real 'fit' split)
     text_image_query: float = 0.5  # photo + words: the words take a larger share
-    dim: int = VISUAL_DIM
+    whitening: str = WHITENING
+
+    @property
+    def dim(self) -> int:
+        return load_whitening(self.whitening)[1].shape[1] if self.whitening else RAW_DIM
+
+    def fingerprint(self) -> bytes:
+        """What changes the visual vectors beyond the weights: the transform's bytes."""
+        return load_whitening(self.whitening)[2] if self.whitening else b"raw-avg"
+
+    def image_vectors(self, avg: np.ndarray, gem: np.ndarray) -> np.ndarray:
+        """(n, dim) unit per-image visual vectors from the tower's pooled features."""
+        from moonsearch.models.base import l2_normalize
+
+        if not self.whitening:
+            return l2_normalize(avg) if len(avg) else np.zeros((0, RAW_DIM), np.float32)
+        mean, proj, _ = load_whitening(self.whitening)
+        if not len(gem):
+            return np.zeros((0, proj.shape[1]), np.float32)
+        return l2_normalize((l2_normalize(gem) - mean) @ proj).astype(np.float32)
 
     def weights(self, kinds: list[str]) -> np.ndarray:
         """(n,) b per input; kinds: ``product``, ``text``, ``image``, ``text+image``."""
@@ -45,7 +108,7 @@ def group_mean(feats: np.ndarray, sizes: list[int]) -> np.ndarray:
 
     assert feats.shape[0] == sum(sizes), (feats.shape, sum(sizes))
     f = l2_normalize(feats) if len(feats) else feats
-    out = np.zeros((len(sizes), feats.shape[1] if feats.ndim == 2 else VISUAL_DIM), np.float32)
+    out = np.zeros((len(sizes), feats.shape[1] if feats.ndim == 2 else RAW_DIM), np.float32)
     start = 0
     for i, g in enumerate(sizes):
         if g:
@@ -67,3 +130,31 @@ def input_kinds(texts: list, sizes: list[int], products: bool) -> list[str]:
     if products:
         return ["product"] * len(sizes)
     return [("text+image" if t else "image") if g else "text" for t, g in zip(texts, sizes)]
+
+
+def fit_packaged(name: str = WHITENING, split: str = "fit", dim: int = 256, shrink: float = 1.0,
+                 image_size: int = 160, log=print) -> Path:
+    """Fit the visual block's whitening on the real-artwork ``split`` (products' clean pictures and
+    listing photos, the query vendors' drawings; never the held-out ``eval`` split) and save it as a
+    packaged transform (safetensors + metadata)."""
+    from safetensors.numpy import save
+
+    from moonsearch.data import real
+    from moonsearch.errors import UserError
+    from moonsearch.models.towers import ImageTower
+    from moonsearch.utils.io import atomic_write_bytes
+
+    if split == "eval":
+        raise UserError("the eval split is held out: fit the visual whitening on 'fit'")
+    data = real.build(split)
+    images = [*data.clean, *data.listing, *(q["image"] for q in data.queries if q["modality"] == "image")]
+    log(f"{len(images)} images from the {split!r} split's sources {', '.join(real.splits()[split].all_sources())}")
+    _, gem, _ = ImageTower(image_size).pooled(images)
+    mean, proj = fit_whitening(gem.numpy(), dim, shrink)
+    meta = {"split": split, "images": str(len(images)), "dim": str(dim), "shrink": str(shrink), "pool": "gem3",
+            "image_size": str(image_size), "sources": ",".join(real.splits()[split].all_sources())}
+    path = whitening_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(save({"mean": mean, "projection": proj}, metadata=meta), path)
+    load_whitening.cache_clear()
+    return path

@@ -143,7 +143,7 @@ def fit(feat: dict, cfg: MiniConfig, heads: MiniHeads, epochs: int = 40, batch: 
 
 def main(out: Path = HEADS_FILE, work: Path | None = None, n: int = 1500, seed: int = 1234, epochs: int = 40,
          log=print) -> Path:
-    from moonsearch.models.clip import cache_dir
+    from moonsearch.paths import cache_dir
 
     cfg = MiniConfig()
     work = work or cache_dir() / f"clip-mini-train-{seed}-{n}"

@@ -237,7 +237,7 @@ class OpenClipTrainable(_DualTrainable):
         spec = self.source.split(":", 1)[1] if self.source.startswith("clip:") else None
         src = Path(spec) if spec and Path(spec).is_dir() else None
         if self.source == "clip-tiny":
-            from moonsearch.models.clip import cache_dir
+            from moonsearch.paths import cache_dir
 
             src = cache_dir() / "clip-tiny"
         if src is not None:

@@ -1,14 +1,9 @@
 """CLIP-family dual encoders: the open_clip baseline, the offline default clip-mini, a tiny random CLIP."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 from moonsearch.models.base import register
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MOONSEARCH_CACHE", Path.home() / ".cache" / "moonsearch"))
+from moonsearch.paths import cache_dir
 
 
 @register(r"clip-mini(?::(.+))?", "offline default: EfficientNet-Lite0 + MiniLM towers with fitted heads "

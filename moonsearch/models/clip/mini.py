@@ -28,7 +28,7 @@ from torch import nn
 
 from moonsearch.models.base import DualEncoder, Fusion
 from moonsearch.models.towers import ImageTower, MiniLMTextTower
-from moonsearch.models.visual import VisualBlock
+from moonsearch.models.visual import WHITENING, VisualBlock
 from moonsearch.errors import MissingFile
 
 ASSETS = Path(__file__).parent / "assets"
@@ -46,8 +46,9 @@ class MiniConfig:
     # the raw EfficientNet-Lite0 features beside the text-space vector (moonsearch.models.visual);
     # 0 for products turns the block off. Heads files written before it existed get these defaults.
     visual_product: float = 0.7071
-    visual_image_query: float = 0.7
+    visual_image_query: float = 0.9
     visual_text_image_query: float = 0.5
+    visual_whitening: str = WHITENING  # per-image transform of the visual block ("" = raw average-pooled)
 
 
 class MiniHeads(nn.Module):
@@ -121,8 +122,8 @@ class ClipMini(DualEncoder):
         self.heads.to(self.device)
         cfg = self.heads.cfg
         self.fusion = Fusion(cfg.image_weight, cfg.text_weight)
-        self.visual = VisualBlock(cfg.visual_product, cfg.visual_image_query, cfg.visual_text_image_query) \
-            if cfg.visual_product > 0 else None
+        self.visual = VisualBlock(cfg.visual_product, cfg.visual_image_query, cfg.visual_text_image_query,
+                                  cfg.visual_whitening) if cfg.visual_product > 0 else None
         self.image_tower = ImageTower(cfg.image_size, self.device)
         self.text_tower = MiniLMTextTower(self.device)
         self.name = "clip-mini" if path == HEADS_FILE else f"clip-mini:{path}"
@@ -131,13 +132,16 @@ class ClipMini(DualEncoder):
         # everything that changes the vectors: the weights and the effective config (defaults included)
         h = hashlib.sha1(path.read_bytes())
         h.update(json.dumps(asdict(cfg), sort_keys=True).encode())
+        if self.visual:
+            h.update(self.visual.fingerprint())
         self.fingerprint = h.hexdigest()[:16]
 
     @torch.inference_mode()
     def image_parts(self, images: Sequence[Image.Image], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        feats, logits = self.image_tower.features(images, batch_size)
+        feats, gem, logits = self.image_tower.pooled(images, batch_size)
         emb = self.heads.image(feats.to(self.device), logits.to(self.device)).cpu().numpy().astype(np.float32)
-        return emb, feats.numpy().astype(np.float32)
+        vis = self.visual.image_vectors(feats.numpy(), gem.numpy()) if self.visual else None
+        return emb, vis
 
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
         return self.image_parts(images, batch_size)[0]

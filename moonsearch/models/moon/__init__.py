@@ -13,7 +13,7 @@ MINI_CHECKPOINT = ASSETS / "moon-mini"  # trained weights only (experts, gates, 
 # guided MoE (category, attribute, 2 general experts, top-1; rank-32 experts on the shared pretrained FFN)
 # in every kept layer. See benchmarks/encode.py.
 # Pooling and the visual block as measured on the real-artwork fit split (benchmarks/README.md): text and
-# image positions pooled apart, the text first, raw EfficientNet features beside the pooled vector.
+# image positions pooled apart, the text first, whitened EfficientNet features beside the pooled vector.
 MINI = dict(backbone="composed", source="smollm2-135m", num_layers=6, grid=2, image_size=160, pool="split",
             text_first=True, visual_product=0.7071)
 MINI_MOE = dict(low_rank=32)
@@ -35,7 +35,7 @@ def builtin_config(name: str):
 
 
 def _tiny_folder() -> Path:
-    from moonsearch.models.clip import cache_dir
+    from moonsearch.paths import cache_dir
     from moonsearch.models.moon.backbones import save_tiny_qwen_vl
 
     folder = cache_dir() / "tiny-qwen2-vl"

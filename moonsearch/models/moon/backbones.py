@@ -19,7 +19,7 @@ from moonsearch.errors import UserError
 
 def smollm2_folder() -> Path:
     """The cached safetensors copy of SmolLM2-135M-Instruct (built on first use from the GGUF file)."""
-    from moonsearch.models.clip import cache_dir
+    from moonsearch.paths import cache_dir
 
     folder = cache_dir() / "smollm2-135m-instruct"
     if (folder / "model.safetensors").exists():

@@ -53,8 +53,9 @@ class MoonConfig:
     # the visual block (moonsearch.models.visual): raw EfficientNet-Lite0 features beside the pooled
     # vector; visual_product = 0 turns it off
     visual_product: float = 0.0
-    visual_image_query: float = 0.7
+    visual_image_query: float = 0.9
     visual_text_image_query: float = 0.5
+    visual_whitening: str = "real-fit-v1"  # per-image transform (moonsearch.models.visual; "" = raw average-pooled)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -150,7 +151,7 @@ class MoonEncoder(Encoder):
             from moonsearch.models.visual import VisualBlock
 
             self.visual = VisualBlock(self.cfg.visual_product, self.cfg.visual_image_query,
-                                      self.cfg.visual_text_image_query)
+                                      self.cfg.visual_text_image_query, self.cfg.visual_whitening)
             self.image_tower = ImageTower(self.cfg.image_size, self.device)
         self.dim = model.dim + (self.visual.dim if self.visual else 0)
         from moonsearch.vision.croppers import make_cropper
@@ -224,7 +225,11 @@ class MoonEncoder(Encoder):
         from moonsearch.models import visual as vis
 
         flat = [im for g in image_groups for im in g]
-        feats = self.image_tower.features(flat)[0].numpy() if flat else np.zeros((0, self.visual.dim), np.float32)
+        if flat:
+            avg, gem, _ = self.image_tower.pooled(flat)
+            feats = self.visual.image_vectors(avg.numpy(), gem.numpy())
+        else:
+            feats = np.zeros((0, self.visual.dim), np.float32)
         sizes = [len(g) for g in image_groups]
         return vis.compose(sem, vis.group_mean(feats, sizes), self.visual.weights(vis.input_kinds(texts, sizes, products)))
 
@@ -336,6 +341,10 @@ def vector_fingerprint(cfg: MoonConfig, weights: bytes = b"") -> str:
     cropper, crops, pooling, visual block) and the detector head when the detector crops."""
     h = hashlib.sha1(weights)
     h.update(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    if cfg.visual_product > 0 and cfg.visual_whitening:
+        from moonsearch.models.visual import load_whitening
+
+        h.update(load_whitening(cfg.visual_whitening)[2])
     if cfg.use_crops and cfg.cropper == "detector":
         from moonsearch.vision.detector import HEAD_FILE
 

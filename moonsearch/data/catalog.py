@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moonsearch.data.images import ImageRef
-from moonsearch.utils.io import atomic_write_text
+from moonsearch.utils.io import atomic_write_text, parse_category
 from moonsearch.errors import UserError
 
 KNOWN = ("item_id", "title", "category", "attributes", "images", "image_bytes", "group_id", "image_boxes")
@@ -91,9 +91,7 @@ def _category(value) -> list[str]:
     if value is None:
         return []
     if isinstance(value, (str, bytes)):
-        text = _text(value, "category") or ""
-        sep = ">" if ">" in text else "/"
-        return [p.strip() for p in text.split(sep) if p.strip()]
+        return parse_category(_text(value, "category") or "")
     if isinstance(value, (list, tuple)):
         return [_text(v, "category") or "" for v in value if v is not None and str(v).strip()]
     raise _Bad("category", f"expected a list of strings or 'a > b > c', got {type(value).__name__}")
@@ -236,7 +234,7 @@ def validate_catalog(path: str | Path, check_images: bool = True, timeout: float
     """Read every row and (optionally) decode every image; nothing is written."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from moonsearch.data.images import ImageError, load_image
+    from moonsearch.data.images import load_images
 
     path = Path(path)
     summary = CatalogSummary(rows=open_catalog(path).metadata.num_rows)
@@ -244,12 +242,8 @@ def validate_catalog(path: str | Path, check_images: bool = True, timeout: float
     base = path.parent
 
     def check(rec: CatalogRecord) -> tuple[CatalogRecord, list[Problem]]:
-        bad = []
-        for i, ref in enumerate(rec.images):
-            try:
-                load_image(ref, base, timeout)
-            except ImageError as e:
-                bad.append(Problem(rec.row, rec.item_id, f"images[{i}]", str(e), "image skipped"))
+        _, failed = load_images(rec.images, base, timeout)
+        bad = [Problem(rec.row, rec.item_id, f"images[{i}]", why, "image skipped") for i, why in failed]
         if bad and len(bad) == len(rec.images) and not rec.title:
             bad.append(Problem(rec.row, rec.item_id, "images", "no usable image and no title"))
         return rec, bad

@@ -98,6 +98,20 @@ def load_image(ref: ImageRef, base_dir: Path | None = None, timeout: float = 10.
     return decode(read_bytes(ref, base_dir, timeout), describe(ref))
 
 
+def load_images(refs, base_dir: Path | None = None, timeout: float = 10.0, load=None
+                ) -> tuple[list[Image.Image], list[tuple[int, str]]]:
+    """Every image of a record that loads, and ``(position, reason)`` for each that does not: the one
+    place where an item's images are loaded, so no caller drops a bad image without saying so.
+    ``load(ref)`` replaces the default loader (e.g. a caching one)."""
+    images, problems = [], []
+    for i, ref in enumerate(refs):
+        try:
+            images.append(load(ref) if load else load_image(ref, base_dir, timeout))
+        except ImageError as e:
+            problems.append((i, str(e)))
+    return images, problems
+
+
 def fingerprint(ref: ImageRef, base_dir: Path | None = None) -> str:
     """A cheap identity for caching: path + size + mtime for files, the URL, or a hash of bytes."""
     if isinstance(ref, (bytes, bytearray)):

@@ -15,20 +15,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from moonsearch.data.images import ImageError, load_image
+from moonsearch.data.images import load_image, load_images
 from moonsearch.eval.metrics import first_hit_ranks, summarize
 from moonsearch.models.base import Encoder, Product, Query
 from moonsearch.utils.io import atomic_path, atomic_write_json, atomic_write_text
 
 
-def _images(refs, base, n=4):
-    out = []
-    for r in refs[:n]:
-        try:
-            out.append(load_image(r, base))
-        except ImageError:
-            continue
-    return out
+def _images(refs, base, skipped: list, n=4):
+    imgs, bad = load_images(refs[:n], base)
+    skipped.extend(f"{refs[i]}: {why}" for i, why in bad)
+    return imgs
 
 
 def evaluate(enc: Encoder, data: Path, limit: int | None = 400, max_queries: int = 300, seed: int = 0) -> dict:
@@ -44,11 +40,13 @@ def evaluate(enc: Encoder, data: Path, limit: int | None = 400, max_queries: int
         cat = keep + [rest[i] for i in sorted(extra)]
     ids = [r["item_id"] for r in cat]
     pos = {i: k for k, i in enumerate(ids)}
-    imgs = [_images(r["images"] or [], data) for r in cat]
+    skipped: list[str] = []
+    imgs = [_images(r["images"] or [], data, skipped) for r in cat]
     full = enc.encode_products([Product(r["title"], r["category"], dict(r["attributes"] or {}), im)
                                 for r, im in zip(cat, imgs)])  # (N, d) the indexed form
     bare = enc.encode_products([Product(r["title"], [], {}, im) for r, im in zip(cat, imgs)])  # labels withheld
-    res: dict = {"encoder": enc.name, "products": len(cat), "retrieval": {}, "classification": {}, "attributes": {}}
+    res: dict = {"encoder": enc.name, "products": len(cat), "images_skipped": skipped, "retrieval": {},
+                 "classification": {}, "attributes": {}}
 
     queries = [b for b in beh if b["item_id"] in pos][:max_queries]
     for mod in ("text", "image", "text+image"):

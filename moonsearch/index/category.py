@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moonsearch.index import faiss_backend as fb
-from moonsearch.utils.io import atomic_write_json, load_npy
+from moonsearch.utils.io import atomic_write_json, load_npy, swap_in_dir
 from moonsearch.errors import UserError
 
 META_SCHEMA = pa.schema([
@@ -35,17 +35,6 @@ META_SCHEMA = pa.schema([
 
 class IndexMismatch(UserError):
     """The index was built by another encoder, or its files disagree."""
-
-
-def swap_in_dir(tmp: Path, final: Path) -> None:
-    """Replace folder ``final`` by ``tmp`` (rename old away, rename new in, delete old)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}-{time.time_ns()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class CategoryIndex:

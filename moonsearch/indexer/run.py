@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from moonsearch.data.catalog import CatalogRecord, Problem, iter_catalog, write_rejects
-from moonsearch.data.images import ImageError, fingerprint, load_image, resolve_path
+from moonsearch.data.images import fingerprint, load_images, resolve_path
 from moonsearch.index.category import CategoryIndex
 from moonsearch.index.faiss_backend import IndexParams
 from moonsearch.index.index_set import EmbeddingCache, IndexSet, category_key, new_manifest, slugify
@@ -105,12 +105,8 @@ class _Loader:
         self.thread.start()
 
     def _load(self, rec: CatalogRecord):
-        images, problems = [], []
-        for i, ref in enumerate(rec.images[:self.job.max_images]):
-            try:
-                images.append(load_image(ref, self.base, self.job.timeout))
-            except ImageError as e:
-                problems.append(Problem(rec.row, rec.item_id, f"images[{i}]", str(e), "image skipped"))
+        images, bad = load_images(rec.images[:self.job.max_images], self.base, self.job.timeout)
+        problems = [Problem(rec.row, rec.item_id, f"images[{i}]", why, "image skipped") for i, why in bad]
         if len(rec.images) > self.job.max_images:
             problems.append(Problem(rec.row, rec.item_id, "images", f"{len(rec.images)} images; only the first "
                                     f"{self.job.max_images} are used", "image skipped"))

@@ -24,6 +24,7 @@ from moonsearch.index.index_set import IndexSet
 from moonsearch.index.multi import multi_search
 from moonsearch.models.base import Encoder, Query, create_encoder
 from moonsearch.errors import UnknownItem, UserError
+from moonsearch.utils.io import parse_category
 
 
 @dataclass
@@ -44,11 +45,6 @@ class Hit:
 def check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise UserError(f"k={k}: expected the number of hits (1 or more)")
-
-
-def parse_category(text: str) -> list[str]:
-    sep = ">" if ">" in text else "/"
-    return [p.strip() for p in text.split(sep) if p.strip()]
 
 
 class SearchService:

@@ -25,14 +25,14 @@ import torch.nn.functional as F
 import yaml
 
 from moonsearch.data.catalog import CatalogRecord, iter_catalog
-from moonsearch.data.images import ImageError, load_image
+from moonsearch.data.images import load_image, load_images
 from moonsearch.models.base import Product, Query
 from moonsearch.trainer.config import TrainConfig
 from moonsearch.training.distributed import all_gather_with_grad, all_reduce_gradients, is_distributed, rank_and_world
 from moonsearch.training.losses import false_negative_mask, info_nce
 from moonsearch.training.queue import NegativeQueue, id_hash
 from moonsearch.training.sampler import UniqueBatchSampler
-from moonsearch.utils.io import append_jsonl, atomic_path, atomic_write_json, atomic_write_text
+from moonsearch.utils.io import append_jsonl, atomic_path, atomic_write_json, atomic_write_text, swap_in_dir
 from moonsearch.errors import MissingFile, UserError
 
 MODALITIES = ("text", "image", "text+image")
@@ -82,6 +82,7 @@ class Batches:
         for r in self.records.values():
             self.by_leaf.setdefault(tuple(r.category), []).append(r.item_id)
         self.all_ids = sorted(self.records)
+        self.bad_images: set[tuple[str, int]] = set()
         self._images: dict[str, object] = {}
         self.neighbours: dict[str, list[str]] = {}
         if cfg.hard_negative_index:
@@ -95,12 +96,11 @@ class Batches:
     def product(self, item_id: str, bare: bool = False) -> Product:
         """The catalog product; ``bare`` withholds its category and attributes (field dropout)."""
         r = self.records[item_id]
-        imgs = []
-        for ref in r.images[:4]:
-            try:
-                imgs.append(self.image(ref))
-            except ImageError:
-                continue
+        imgs, bad = load_images(r.images[:4], load=self.image)
+        for i, why in bad:  # reported once per image, the product trains on the photos that load
+            if (item_id, i) not in self.bad_images:
+                self.bad_images.add((item_id, i))
+                print(f"row {r.row} (item {item_id}): images[{i}]: {why} (image skipped)")
         return Product(r.title, [] if bare else list(r.category), {} if bare else dict(r.attributes), imgs, item_id)
 
     def query(self, p: Pair) -> Query:
@@ -276,13 +276,7 @@ class Trainer:
         tmp.mkdir(parents=True)
         save_file(tensors, str(tmp / "state.safetensors"))
         atomic_write_json({"step": self.step, "config": self.cfg.to_dict()}, tmp / "trainer.json")
-        last = self.run / "last"
-        old = self.run / ".last.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if last.exists():
-            os.replace(last, old)
-        os.replace(tmp, last)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in_dir(tmp, self.run / "last")
 
     def load_state(self) -> bool:
         from safetensors.torch import load_file
@@ -507,12 +501,7 @@ def publish_moon_mini(final: Path) -> Path:
     state = load_file(str(Path(final) / "model.safetensors"))
     save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, str(tmp / "model.safetensors"),
               metadata={"format": conf["format"]})
-    old = MINI_CHECKPOINT.with_name(MINI_CHECKPOINT.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if MINI_CHECKPOINT.exists():
-        os.replace(MINI_CHECKPOINT, old)
-    os.replace(tmp, MINI_CHECKPOINT)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in_dir(tmp, MINI_CHECKPOINT)
     return MINI_CHECKPOINT
 
 

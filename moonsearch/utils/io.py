@@ -75,3 +75,26 @@ def append_jsonl(rows: list[dict], path: str | Path) -> None:
             f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def swap_in_dir(tmp: str | Path, final: str | Path) -> None:
+    """Replace folder ``final`` by the finished folder ``tmp``: the old one is renamed away, the new one
+    renamed in, the old one deleted. A reader sees the old folder or the new one, never a mix; a crash
+    leaves at worst a stray ``.old-*`` folder beside it."""
+    import shutil
+    import time
+
+    tmp, final = Path(tmp), Path(final)
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}-{time.time_ns()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def parse_category(text: str) -> list[str]:
+    """'a > b > c' (or 'a/b/c') -> ['a', 'b', 'c']: the one parser for category paths written as text."""
+    sep = ">" if ">" in text else "/"
+    return [p.strip() for p in text.split(sep) if p.strip()]

@@ -15,6 +15,7 @@ import torch
 
 from moonsearch.models.moon.adapters import ComposedAdapter, QwenVLAdapter
 from moonsearch.errors import UserError
+from moonsearch.utils.io import swap_in_dir
 
 
 def smollm2_folder() -> Path:
@@ -42,7 +43,7 @@ def smollm2_folder() -> Path:
     tmp = folder.with_name(folder.name + ".tmp")
     fresh.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.rename(folder)
+    swap_in_dir(tmp, folder)
     return folder
 
 

@@ -60,6 +60,13 @@ def test_the_packaged_whitening_was_fitted_on_the_fit_split_only():
     fitted = set(meta["sources"].split(","))
     assert fitted == set(real.splits()["fit"].all_sources())
     assert fitted.isdisjoint(real.splits()["eval"].all_sources())
+    # it is a whitening: orthogonal directions, each scaled (a scrambled buffer would not be)
+    from moonsearch.models.visual import load_whitening
+
+    _, proj, _ = load_whitening(WHITENING)
+    gram = proj.T @ proj
+    off = gram - np.diag(np.diag(gram))
+    assert np.abs(off).max() < 1e-3 * np.diag(gram).max() and (np.diff(np.diag(gram)) >= -1e-3).all()
 
 
 def test_fit_whitening_decorrelates_and_refuses_the_held_out_split():
@@ -71,6 +78,7 @@ def test_fit_whitening_decorrelates_and_refuses_the_held_out_split():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2000, 16)) @ rng.normal(size=(16, 16))  # correlated features
     mean, proj = fit_whitening(x, dim=8, shrink=0.0)
+    assert proj.flags.c_contiguous  # safetensors writes raw buffers
     z = (l2_normalize(x) - mean) @ proj
     cov = np.cov(z.T)
     assert np.allclose(cov, np.eye(8), atol=0.05)  # whitened: unit variance, no correlation

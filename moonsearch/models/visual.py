@@ -63,7 +63,8 @@ def fit_whitening(feats: np.ndarray, dim: int = 256, shrink: float = 1.0) -> tup
     _, sv, vt = np.linalg.svd(x - mean, full_matrices=False)
     lam = sv[:dim] ** 2 / len(x)
     proj = vt[:dim].T / np.sqrt(lam + shrink * lam.mean())
-    return mean.astype(np.float32), proj.astype(np.float32)
+    # C order: safetensors writes the raw buffer, and the transposed SVD factor is Fortran-ordered
+    return np.ascontiguousarray(mean, np.float32), np.ascontiguousarray(proj, np.float32)
 
 
 @dataclass(frozen=True)
@@ -157,4 +158,7 @@ def fit_packaged(name: str = WHITENING, split: str = "fit", dim: int = 256, shri
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(save({"mean": mean, "projection": proj}, metadata=meta), path)
     load_whitening.cache_clear()
+    saved = load_whitening(name)
+    if not (np.array_equal(saved[0], mean) and np.array_equal(saved[1], proj)):  # read back what was written
+        raise RuntimeError(f"{path}: the saved transform does not read back as fitted")
     return path

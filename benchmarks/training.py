@@ -30,6 +30,24 @@ def speed(run: Path) -> dict:
             "val_recall@10_last": val[-1]["val_recall@10"]}
 
 
+def data_hash(folder: Path) -> str:
+    """The training / evaluation data's identity: the bytes of its catalog and behaviour log."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for f in ("catalog.parquet", "behavior.parquet"):
+        h.update((Path(folder) / f).read_bytes())
+    return h.hexdigest()[:10]
+
+
+def config_key(cfg, data: str) -> str:
+    """A finished run is reused only for the same effective config on the same data."""
+    import hashlib
+
+    d = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "run_name", "data")}
+    return hashlib.sha1(json.dumps([d, data], sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def main() -> None:
     from moonsearch.eval import zero_shot
     from moonsearch.models.base import create_encoder
@@ -50,11 +68,16 @@ def main() -> None:
     rows = a.out / "training-rows"  # one evaluated row per model: a rerun skips what is done
     speeds, results = {}, []
 
+    data = data_hash(Path(a.data))
+
     def row(name: str, label: str) -> dict:
-        f = rows / f"{label}.json"
+        # reused only for the same vectors (encoder fingerprint), the same data and the same options
+        enc = create_encoder(name)
+        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+        f = rows / f"{slug}-{enc.fingerprint}-{data}-limit{a.limit}.json"
         if not f.exists():
-            r = zero_shot.evaluate(create_encoder(name), Path(a.data), limit=a.limit)
-            r["encoder"] = label
+            r = zero_shot.evaluate(enc, Path(a.data), limit=a.limit)
+            r.update(encoder=label, fingerprint=enc.fingerprint, data=data, limit=a.limit)
             atomic_write_json(r, f)
             print(f"evaluated {label}", flush=True)
         return json.loads(f.read_text())
@@ -62,14 +85,14 @@ def main() -> None:
     results += [row("clip-mini", "clip-mini"), row("moon-mini-base", "moon-mini-base (untrained)")]
     for p in presets:
         cfg = load_config(p, data=a.data, out=a.runs, steps=a.steps)
-        if a.steps:  # a different budget is a different run
-            cfg = replace(cfg, run_name=f"{cfg.run_name}-{a.steps}")
+        # a run folder per (preset, effective config, data): a changed recipe or world never reuses a stale run
+        cfg = replace(cfg, run_name=f"{cfg.run_name}-{config_key(cfg, data)}")
         final = Path(cfg.out) / cfg.run_name / "final"
         if not (final / "config.json").exists():
             print(f"training {p} ...", flush=True)
             train(cfg)
         kind = json.loads((final / "config.json").read_text()).get("format", "")
-        label = cfg.run_name
+        label = p + (f" ({a.steps} steps)" if a.steps else "")
         results.append(row(f"clip-mini:{final}" if kind.startswith("moonsearch-clip-mini") else f"moon:{final}", label))
         speeds[label] = speed(final.parent)
     zero_shot.write(results, a.out, a.name)

@@ -456,3 +456,27 @@ def test_missing_training_data_names_the_file_and_the_fix(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="catalog.parquet.*demo-data"):
         load_pairs(tmp_path, load_config("moon-tiny-test"))
+
+
+def test_training_bench_reuses_runs_and_rows_only_for_the_same_config_and_data(world, tmp_path):
+    """benchmarks/training.py keys finished runs on the effective config + data, not on the name."""
+    import importlib.util
+    import shutil
+
+    from moonsearch.trainer.config import load_config
+
+    spec = importlib.util.spec_from_file_location("bench_training", os.path.join(
+        os.path.dirname(__file__), "..", "benchmarks", "training.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data = bench.data_hash(world)
+    cfg = load_config("moon-mini-cpu", data=str(world))
+    key = bench.config_key(cfg, data)
+    assert bench.config_key(replace(cfg, out="elsewhere"), data) == key  # where runs go is not the recipe
+    assert bench.config_key(replace(cfg, steps=cfg.steps + 1), data) != key
+    assert bench.config_key(load_config("moon-mini-no-moe", data=str(world)), data) != key
+    other = tmp_path / "w"
+    other.mkdir()
+    shutil.copy(world / "catalog.parquet", other / "catalog.parquet")
+    (other / "behavior.parquet").write_bytes((world / "behavior.parquet").read_bytes() + b"\0")
+    assert bench.data_hash(other) != data and bench.config_key(cfg, bench.data_hash(other)) != key

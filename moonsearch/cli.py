@@ -293,6 +293,9 @@ def train(
                                                       "--set 'model_options={use_moe: false}' (YAML values)")] = None,
     publish: Annotated[bool, typer.Option(help="copy the final moon-mini checkpoint into the package: it "
                                           "becomes the weights of the encoder 'moon-mini'")] = False,
+    dry_run: Annotated[bool, typer.Option(help="print parameter counts and a memory estimate per rank, "
+                                          "then stop (nothing is loaded)")] = False,
+    world: Annotated[Optional[int], typer.Option(help="ranks for --dry-run (default: $WORLD_SIZE or 1)")] = None,
 ):
     """Train a MOON checkpoint (or fine-tune a CLIP baseline) on a behaviour log.
 
@@ -311,6 +314,9 @@ def train(
         extra[k.strip()] = yaml.safe_load(v)
     cfg = load_config(preset, config, model=model, data=data, out=out, run_name=run_name, steps=steps,
                       batch_size=batch_size, queue_size=queue_size, hard_negatives=hard_negatives, **extra)
+    if dry_run:
+        print_memory_estimate(cfg, world or int(os.environ.get("WORLD_SIZE", "1")))
+        return
     with _progress("training") as prog:
         def start(total, done):
             task = prog.add_task("", total=total, completed=done)
@@ -325,6 +331,25 @@ def train(
         from moonsearch.trainer.loop import publish_moon_mini
 
         console.print(f"moon-mini's weights are now {publish_moon_mini(final)}")
+
+
+def print_memory_estimate(cfg, world: int) -> None:
+    from rich.table import Table
+
+    from moonsearch.trainer.memory import estimate
+
+    at_least("--world", world)
+    e = estimate(cfg, world)
+    console.print(f"{cfg.model} ({cfg.strategy}, {world} rank(s)): backbone {e.params_backbone / 1e9:.2f}B, "
+                  f"MoE experts {e.params_experts / 1e9:.3f}B, trainable {e.params_trainable / 1e6:.1f}M parameters; "
+                  f"micro-batch {e.micro_batch} queries, ~{e.seq_len} tokens per product", highlight=False)
+    t = Table(title="memory per rank (estimate)")
+    t.add_column("part")
+    t.add_column("GB", justify="right")
+    for k, v in e.gb.items():
+        t.add_row(k, f"{v:.1f}")
+    t.add_row("total", f"{e.total_gb:.1f}")
+    console.print(t)
 
 
 @app.command("fit-visual")

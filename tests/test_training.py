@@ -480,3 +480,42 @@ def test_training_bench_reuses_runs_and_rows_only_for_the_same_config_and_data(w
     shutil.copy(world / "catalog.parquet", other / "catalog.parquet")
     (other / "behavior.parquet").write_bytes((world / "behavior.parquet").read_bytes() + b"\0")
     assert bench.data_hash(other) != data and bench.config_key(cfg, bench.data_hash(other)) != key
+
+
+def test_memory_estimate_counts_real_parameters_and_the_3b_preset_fits_80gb(tmp_path):
+    from transformers import AutoModel
+    from typer.testing import CliRunner
+
+    from moonsearch.cli import app
+    from moonsearch.models.moon.backbones import save_tiny_qwen_vl
+    from moonsearch.trainer.config import load_config
+    from moonsearch.trainer.memory import backbone_params, estimate, shape_of
+
+    for family in ("qwen2_vl", "qwen2_5_vl"):  # the formula against real models of both families
+        folder = save_tiny_qwen_vl(tmp_path / family, family=family)
+        real = sum(p.numel() for p in AutoModel.from_pretrained(folder).parameters())
+        assert abs(backbone_params(shape_of(str(folder))) - real) / real < 0.03, (family, real)
+    cfg = load_config("moon-qwen2.5-vl-3b")
+    fits = estimate(cfg, world=8)
+    assert 3.5e9 < fits.params_backbone < 4.0e9 and fits.total_gb < 80
+    full = estimate(replace(cfg, model_options={"image_size": 448}), world=8)  # full FFN copies as experts
+    assert full.params_experts > 9e9 and full.total_gb > 80
+    res = CliRunner().invoke(app, ["train", "--preset", "moon-qwen2.5-vl-3b", "--dry-run", "--world", "8"])
+    assert res.exit_code == 0 and "memory per rank" in res.output and "3.75B" in res.output
+
+
+def test_gradient_checkpointing_takes_the_same_step(train_cfg, tmp_path):
+    """Recomputing activations in backward (with the experts' token maps restored) gives the same
+    update as keeping them."""
+    from moonsearch.trainer.loop import Trainer
+
+    steps = {}
+    for ckpt in (False, True):
+        tr = Trainer(replace(train_cfg, out=str(tmp_path / f"runs{ckpt}"), gradient_checkpointing=ckpt, batch_size=8))
+        assert tr.tm.module.adapter.model.language_model.gradient_checkpointing == ckpt
+        before = {n: p.detach().clone() for n, p in tr.tm.module.named_parameters() if p.requires_grad}
+        assert math.isfinite(tr.train_step()["loss"])
+        steps[ckpt] = {n: p.detach() - before[n] for n, p in tr.tm.module.named_parameters() if p.requires_grad}
+    assert any("expert" in n and d.abs().sum() > 0 for n, d in steps[True].items())
+    for n in steps[False]:
+        assert torch.allclose(steps[False][n], steps[True][n], atol=1e-6), n

@@ -52,6 +52,8 @@ class TrainConfig:
     strategy: str = field(default="ddp", metadata={
         "help": "with several ranks: ddp (replicated weights, gradients all-reduced) or fsdp (sharded)"})
     mixed_precision: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA (ignored on CPU)"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute decoder-layer activations in backward (a large backbone's activations fit; ~30% slower)"})
     seed: int = field(default=0, metadata={"help": "data order, hard negatives and init"})
 
     def to_dict(self) -> dict:

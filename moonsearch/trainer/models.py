@@ -16,6 +16,8 @@ with the same loop, data, negatives and budget.
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -83,6 +85,8 @@ class MoonTrainable(Trainable):
                 self.encoder.model.cfg = self.encoder.cfg = replace(self.encoder.cfg, lora_rank=cfg.lora_rank)
         self.module = self.encoder.model.to(device)
         self.dim = self.module.dim
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(self.module)
         self.trainable = cfg.trainable
         if hasattr(self.module.adapter, "feature_cache"):
             self.module.adapter.feature_cache = {}  # frozen vision features, reused across steps
@@ -123,6 +127,37 @@ class MoonTrainable(Trainable):
         # untrained builtin bases rebuild from packaged weights: store only what training changed
         save_pretrained(self.module, folder, meta=meta, trained_only=self.trainable != "all", state=state)
         return f"moon:{folder}"
+
+
+def enable_checkpointing(model) -> None:
+    """Hugging Face gradient checkpointing on the decoder (Qwen-VL's language model or the composed LM);
+    non-reentrant, so frozen inputs with trainable experts inside still get their gradients."""
+    adapter = model.adapter
+    lm = getattr(adapter, "lm", None) or getattr(getattr(adapter, "model", None), "language_model", None)
+    if lm is None or not hasattr(lm, "gradient_checkpointing_enable"):
+        raise UserError("gradient_checkpointing: this backbone has no Hugging Face decoder to checkpoint")
+    moes = list(getattr(model, "moe_layers", []))
+
+    def context_fn():
+        # the guided experts read their batch's token-type map from an attribute; a layer recomputed in
+        # backward runs after later forwards (queries after products) replaced it: restore this batch's
+        saved = [m.token_types for m in moes]
+
+        @contextlib.contextmanager
+        def recompute():
+            current = [m.token_types for m in moes]
+            for m, t in zip(moes, saved):
+                m.token_types = t
+            try:
+                yield
+            finally:
+                for m, t in zip(moes, current):
+                    m.token_types = t
+
+        return contextlib.nullcontext(), recompute()
+
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
+    lm.train()
 
 
 def _with_options(base, options: dict):

@@ -150,7 +150,7 @@ def main(out: Path = HEADS_FILE, work: Path | None = None, n: int = 1500, seed: 
     if not (work / "behavior.parquet").exists():
         log(f"generating the training world ({n} products, seed {seed}) in {work}")
         generate_world(work, n=n, seed=seed)
-    cache = work / "features.safetensors"
+    cache = work / "features-photos256.safetensors"  # named by what it holds beyond the world: 256 photo crops
     if cache.exists():
         from safetensors.torch import load_file
 

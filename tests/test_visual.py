@@ -34,12 +34,19 @@ def test_clip_mini_carries_whitened_image_features(clip_mini, world):
     img = load_image(row["images"][0], world)
     v = clip_mini.encode_queries([Query(image=img), Query("red sneakers")])
     sem = clip_mini.semantic_dim
-    # by hand: GeM-pooled EfficientNet features, normalised, centred, projected, normalised
-    fm = clip_mini.image_tower.model.feature_map(
-        __import__("moonsearch.models.towers", fromlist=["x"]).pil_to_tensor([img], 160, (127 / 255,) * 3, (128 / 255,) * 3))
-    gem = fm.detach().clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3).numpy()
+    from moonsearch.models.towers import pil_to_tensor
+    from moonsearch.vision.croppers import crop
+    from moonsearch.vision.detector import DetectorCropper
+
     mean, proj, _ = load_whitening(clip_mini.visual.whitening)
-    want = l2_normalize((l2_normalize(gem) - mean) @ proj)[0]
+
+    def by_hand(im):  # GeM-pooled EfficientNet features, normalised, centred, projected, normalised
+        fm = clip_mini.image_tower.model.feature_map(pil_to_tensor([im], 160, (127 / 255,) * 3, (128 / 255,) * 3))
+        gem = fm.detach().clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3).numpy()
+        return l2_normalize((l2_normalize(gem) - mean) @ proj)[0]
+
+    core = crop(img, DetectorCropper().boxes([img])[0])  # the picture and its core-product crop, summed
+    want = l2_normalize(by_hand(img) + by_hand(core))
     assert clip_mini.visual.dim == proj.shape[1] == v.shape[1] - sem
     bq = clip_mini.visual.image_query
     assert np.allclose(v[0, sem:], bq * want, atol=1e-4)
@@ -106,6 +113,6 @@ def test_moon_fingerprint_changes_with_anything_that_changes_the_vectors():
     base = vector_fingerprint(cfg, b"weights")
     assert vector_fingerprint(cfg, b"weights") == base
     for change in (dict(pool="mean"), dict(text_first=False), dict(visual_product=0.0), dict(cropper="centre"),
-                   dict(visual_whitening="")):
+                   dict(visual_whitening=""), dict(visual_crops=False)):
         assert vector_fingerprint(dataclasses.replace(cfg, **change), b"weights") != base, change
     assert vector_fingerprint(cfg, b"other weights") != base

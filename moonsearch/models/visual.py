@@ -77,6 +77,7 @@ class VisualBlock:
     image_query: float = 0.9  # photo queries lean on the visual features (chosen on the real 'fit' split)
     text_image_query: float = 0.5  # photo + words: the words take a larger share
     whitening: str = WHITENING
+    crops: bool = True  # each picture is n(v(picture) + v(its core-product crop)) (the encoder's cropper)
 
     @property
     def dim(self) -> int:
@@ -85,6 +86,21 @@ class VisualBlock:
     def fingerprint(self) -> bytes:
         """What changes the visual vectors beyond the weights: the transform's bytes."""
         return load_whitening(self.whitening)[2] if self.whitening else b"raw-avg"
+
+    def pictures(self, tower, images: list, crops: list | None = None) -> np.ndarray:
+        """(n, dim) unit visual vectors of ``images`` (PIL); with ``crops`` (the core-product crop of each
+        image, same order) each vector is the normalised sum of the picture's and its crop's: the
+        product cut out of a cluttered listing photo counts as much as the whole photo."""
+        from moonsearch.models.base import l2_normalize
+
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        avg, gem, _ = tower.pooled(images)
+        v = self.image_vectors(avg.numpy(), gem.numpy())
+        if crops is not None and self.crops:
+            a2, g2, _ = tower.pooled(crops)
+            v = l2_normalize(v + self.image_vectors(a2.numpy(), g2.numpy())).astype(np.float32)
+        return v
 
     def image_vectors(self, avg: np.ndarray, gem: np.ndarray) -> np.ndarray:
         """(n, dim) unit per-image visual vectors from the tower's pooled features."""

@@ -49,6 +49,7 @@ class MiniConfig:
     visual_image_query: float = 0.9
     visual_text_image_query: float = 0.5
     visual_whitening: str = WHITENING  # per-image transform of the visual block ("" = raw average-pooled)
+    visual_crops: bool = True  # a picture's visual vector = n(picture + its detector crop)
 
 
 class MiniHeads(nn.Module):
@@ -123,7 +124,12 @@ class ClipMini(DualEncoder):
         cfg = self.heads.cfg
         self.fusion = Fusion(cfg.image_weight, cfg.text_weight)
         self.visual = VisualBlock(cfg.visual_product, cfg.visual_image_query, cfg.visual_text_image_query,
-                                  cfg.visual_whitening) if cfg.visual_product > 0 else None
+                                  cfg.visual_whitening, cfg.visual_crops) if cfg.visual_product > 0 else None
+        self.cropper = None
+        if self.visual and self.visual.crops:  # the core-product detector (a box head on the same tower)
+            from moonsearch.vision.croppers import make_cropper
+
+            self.cropper = make_cropper("detector")
         self.image_tower = ImageTower(cfg.image_size, self.device)
         self.text_tower = MiniLMTextTower(self.device)
         self.name = "clip-mini" if path == HEADS_FILE else f"clip-mini:{path}"
@@ -134,13 +140,26 @@ class ClipMini(DualEncoder):
         h.update(json.dumps(asdict(cfg), sort_keys=True).encode())
         if self.visual:
             h.update(self.visual.fingerprint())
+        if self.cropper is not None:
+            from moonsearch.vision.detector import HEAD_FILE
+
+            h.update(HEAD_FILE.read_bytes())
         self.fingerprint = h.hexdigest()[:16]
 
     @torch.inference_mode()
     def image_parts(self, images: Sequence[Image.Image], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         feats, gem, logits = self.image_tower.pooled(images, batch_size)
         emb = self.heads.image(feats.to(self.device), logits.to(self.device)).cpu().numpy().astype(np.float32)
-        vis = self.visual.image_vectors(feats.numpy(), gem.numpy()) if self.visual else None
+        if not self.visual:
+            return emb, None
+        vis = self.visual.image_vectors(feats.numpy(), gem.numpy())
+        if self.cropper is not None:
+            from moonsearch.models.base import l2_normalize
+            from moonsearch.vision.croppers import crop
+
+            crops = [crop(im, b) for im, b in zip(images, self.cropper.boxes(list(images)))]
+            a2, g2, _ = self.image_tower.pooled(crops, batch_size)
+            vis = l2_normalize(vis + self.visual.image_vectors(a2.numpy(), g2.numpy())).astype(np.float32)
         return emb, vis
 
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:

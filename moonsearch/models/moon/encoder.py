@@ -56,6 +56,7 @@ class MoonConfig:
     visual_image_query: float = 0.9
     visual_text_image_query: float = 0.5
     visual_whitening: str = "real-fit-v1"  # per-image transform (moonsearch.models.visual; "" = raw average-pooled)
+    visual_crops: bool = True  # visual vector of a picture = n(picture + its core-product crop) (with use_crops)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -151,7 +152,8 @@ class MoonEncoder(Encoder):
             from moonsearch.models.visual import VisualBlock
 
             self.visual = VisualBlock(self.cfg.visual_product, self.cfg.visual_image_query,
-                                      self.cfg.visual_text_image_query, self.cfg.visual_whitening)
+                                      self.cfg.visual_text_image_query, self.cfg.visual_whitening,
+                                      self.cfg.visual_crops)
             self.image_tower = ImageTower(self.cfg.image_size, self.device)
         self.dim = model.dim + (self.visual.dim if self.visual else 0)
         from moonsearch.vision.croppers import make_cropper
@@ -225,11 +227,13 @@ class MoonEncoder(Encoder):
         from moonsearch.models import visual as vis
 
         flat = [im for g in image_groups for im in g]
-        if flat:
-            avg, gem, _ = self.image_tower.pooled(flat)
-            feats = self.visual.image_vectors(avg.numpy(), gem.numpy())
-        else:
-            feats = np.zeros((0, self.visual.dim), np.float32)
+        crops = None
+        if flat and self.visual.crops and self.cropper is not None:  # boxes are cached: found once per image
+            from moonsearch.vision.croppers import crop
+
+            titles = [t or "" for t, g in zip(texts, image_groups) for _ in g]
+            crops = [crop(im, b) for im, b in zip(flat, self._boxes(flat, titles))]
+        feats = self.visual.pictures(self.image_tower, flat, crops)
         sizes = [len(g) for g in image_groups]
         return vis.compose(sem, vis.group_mean(feats, sizes), self.visual.weights(vis.input_kinds(texts, sizes, products)))
 

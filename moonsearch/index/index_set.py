@@ -1,12 +1,11 @@
-"""A folder of per-category indices plus the embedding cache that feeds them::
+"""A folder of per-category indices (the embedding cache beside them is the indexer's,
+``moonsearch.indexer.cache``)::
 
     manifest.json            encoder (name, dim, fingerprint), level, params, categories, catalog
     categories/<slug>/       one CategoryIndex per category (see category.py)
     embeddings/<fingerprint>/shard-*.npz   cached item embeddings keyed by content hash
     rejects.jsonl            rows and images that were reported and skipped
 
-The embedding cache makes re-runs cheap: an unchanged item is never embedded twice by the same
-encoder, so an interrupted run resumes and a rebuild with other index parameters re-embeds nothing.
 """
 from __future__ import annotations
 
@@ -16,10 +15,9 @@ import re
 import time
 from pathlib import Path
 
-import numpy as np
 
 from moonsearch.index.category import CategoryIndex, IndexMismatch
-from moonsearch.utils.io import atomic_path, atomic_write_json
+from moonsearch.utils.io import atomic_write_json
 from moonsearch.errors import MissingFile
 
 FORMAT = 1
@@ -33,43 +31,6 @@ def slugify(path: list[str]) -> str:
 def category_key(path: list[str], level: int | None) -> list[str]:
     """The category an item is indexed under: its path cut to ``level`` (None = leaf)."""
     return list(path[:level]) if level else list(path)
-
-
-class EmbeddingCache:
-    """Append-only shards of (content key, float16 vector); safe to interrupt at any point."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.vectors: dict[str, np.ndarray] = {}
-        for shard in sorted(folder.glob("shard-*.npz")):
-            with np.load(shard, allow_pickle=False) as z:
-                for key, vec in zip(z["keys"], z["vectors"]):
-                    self.vectors[str(key)] = vec
-        self._pending_keys: list[str] = []
-        self._pending: list[np.ndarray] = []
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.vectors
-
-    def get(self, key: str) -> np.ndarray:
-        return self.vectors[key]
-
-    def put(self, keys: list[str], vectors: np.ndarray) -> None:
-        vec16 = vectors.astype(np.float16)
-        for k, v in zip(keys, vec16):
-            self.vectors[k] = v
-        self._pending_keys.extend(keys)
-        self._pending.append(vec16)
-
-    def flush(self) -> None:
-        if not self._pending_keys:
-            return
-        name = f"shard-{time.time_ns():020d}.npz"
-        with atomic_path(self.folder / name) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, keys=np.array(self._pending_keys), vectors=np.concatenate(self._pending))
-        self._pending_keys, self._pending = [], []
 
 
 class IndexSet:

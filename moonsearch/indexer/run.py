@@ -26,7 +26,8 @@ from moonsearch.data.catalog import CatalogRecord, Problem, iter_catalog, write_
 from moonsearch.data.images import fingerprint, load_images, resolve_path
 from moonsearch.index.category import CategoryIndex
 from moonsearch.index.faiss_backend import IndexParams
-from moonsearch.index.index_set import EmbeddingCache, IndexSet, category_key, new_manifest, slugify
+from moonsearch.index.index_set import IndexSet, category_key, new_manifest, slugify
+from moonsearch.indexer.cache import EmbeddingCache
 from moonsearch.models.base import Encoder, Product, create_encoder
 from moonsearch.utils.io import append_jsonl
 from moonsearch.errors import UserError

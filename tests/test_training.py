@@ -365,7 +365,7 @@ def test_ablation_presets_change_what_they_say(world):
 
 def test_field_dropout_withholds_category_and_attributes(world):
     from moonsearch.trainer.config import load_config
-    from moonsearch.trainer.loop import Batches
+    from moonsearch.trainer.data import Batches
 
     b = Batches(world, load_config("moon-tiny-test", data=str(world)))
     item = next(iter(b.records))
@@ -379,7 +379,7 @@ def test_hard_negatives_from_index_neighbours(world, tiny_index):
     import numpy as np
 
     from moonsearch.trainer.config import load_config
-    from moonsearch.trainer.loop import Batches, Pair
+    from moonsearch.trainer.data import Batches, Pair
 
     b = Batches(world, load_config("moon-tiny-test", data=str(world), hard_negative_index=str(tiny_index),
                                    hard_negative_k=3))
@@ -452,7 +452,7 @@ def test_fsdp_matches_ddp_and_resumes(train_cfg, tmp_path):
 
 def test_missing_training_data_names_the_file_and_the_fix(tmp_path):
     from moonsearch.trainer.config import load_config
-    from moonsearch.trainer.loop import load_pairs
+    from moonsearch.trainer.data import load_pairs
 
     with pytest.raises(FileNotFoundError, match="catalog.parquet.*demo-data"):
         load_pairs(tmp_path, load_config("moon-tiny-test"))

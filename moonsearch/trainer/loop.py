@@ -7,6 +7,12 @@ negatives -> a MOON checkpoint that ``moonsearch index --model moon:<run>/final`
 Run folder: ``config.yaml`` (resolved), ``metrics.jsonl``, ``loss.png``, ``last/`` (resumable state:
 model + optimizer + step as safetensors and JSON) and ``final/`` (the checkpoint). Re-running the
 same command resumes from ``last/`` with the same data order.
+
+The pieces: ``trainer/data.py`` (pairs, products, hard negatives), ``trainer/objective.py`` (negatives,
+false-negative masks and the loss of one micro-batch), ``trainer/models.py`` (what trains),
+``trainer/memory.py`` (the dry-run estimate); this module is the loop, its state and the entry point.
+The ``moonsearch/training/`` package holds the model-agnostic building blocks they use (InfoNCE,
+the negative queue, the unique-item sampler, cross-rank collectives).
 """
 from __future__ import annotations
 
@@ -15,151 +21,21 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 import yaml
 
-from moonsearch.data.catalog import CatalogRecord, iter_catalog
-from moonsearch.data.images import load_image, load_images
-from moonsearch.models.base import Product, Query
 from moonsearch.trainer.config import TrainConfig
-from moonsearch.training.distributed import all_gather_with_grad, all_reduce_gradients, is_distributed, rank_and_world
-from moonsearch.training.losses import false_negative_mask, info_nce
-from moonsearch.training.queue import NegativeQueue, id_hash
+from moonsearch.trainer.data import Batches, Pair, load_pairs
+from moonsearch.trainer.objective import contrastive_loss
+from moonsearch.training.distributed import all_reduce_gradients, is_distributed, rank_and_world
+from moonsearch.training.queue import NegativeQueue
 from moonsearch.training.sampler import UniqueBatchSampler
 from moonsearch.utils.io import append_jsonl, atomic_path, atomic_write_json, atomic_write_text, swap_in_dir
-from moonsearch.errors import MissingFile, UserError
-
-MODALITIES = ("text", "image", "text+image")
-
-
-@dataclass
-class Pair:
-    item_id: str
-    group_id: str | None
-    text: str | None
-    image: str | None
-    modality: str
-    ts: int
-
-
-def load_pairs(data: Path, cfg: TrainConfig) -> tuple[list[Pair], list[Pair]]:
-    """Training pairs (resampled to the modality mix) and validation pairs (the latest by time)."""
-    for f in ("catalog.parquet", "behavior.parquet"):
-        if not (data / f).exists():
-            raise MissingFile(f"{data / f} not found: training needs a catalog and a behaviour log "
-                                    f"(the demo world: moonsearch demo-data --out {data})")
-    rows = [b for b in pq.read_table(data / "behavior.parquet").to_pylist() if b["split"] == "train"]
-    rows.sort(key=lambda b: b["timestamp"])
-    groups = {r["item_id"]: r["group_id"] for r in pq.read_table(data / "catalog.parquet",
-                                                                 columns=["item_id", "group_id"]).to_pylist()}
-    pairs = [Pair(b["item_id"], groups.get(b["item_id"]), b["query_text"], b["query_image"], b["modality"],
-                  int(b["timestamp"].timestamp())) for b in rows if b["item_id"] in groups]
-    n_val = int(len(pairs) * cfg.val_fraction)
-    train, val = pairs[:len(pairs) - n_val], pairs[len(pairs) - n_val:]
-    target = np.array(cfg.modality_mix, float) / sum(cfg.modality_mix)
-    have = np.array([sum(p.modality == m for p in train) for m in MODALITIES], float)
-    weight = {m: (t / (h / len(train)) if h else 0.0) for m, t, h in zip(MODALITIES, target, have)}
-    rng = np.random.default_rng([cfg.seed, 11])
-    w = np.array([weight[p.modality] for p in train])
-    picked = rng.choice(len(train), size=len(train), replace=True, p=w / w.sum())
-    return [train[i] for i in sorted(picked)], val
-
-
-class Batches:
-    """Products and queries for pairs (decoded photos kept in memory: each file is read once), and
-    per-step seeded hard negatives."""
-
-    def __init__(self, data: Path, cfg: TrainConfig):
-        self.data, self.cfg = data, cfg
-        self.records: dict[str, CatalogRecord] = {r.item_id: r for r in iter_catalog(data / "catalog.parquet", print)}
-        self.by_leaf: dict[tuple, list[str]] = {}
-        for r in self.records.values():
-            self.by_leaf.setdefault(tuple(r.category), []).append(r.item_id)
-        self.all_ids = sorted(self.records)
-        self.bad_images: set[tuple[str, int]] = set()
-        self._images: dict[str, object] = {}
-        self.neighbours: dict[str, list[str]] = {}
-        if cfg.hard_negative_index:
-            self.neighbours = index_neighbours(Path(cfg.hard_negative_index), cfg.hard_negative_k)
-
-    def image(self, ref: str):
-        if ref not in self._images:
-            self._images[ref] = load_image(ref, self.data)
-        return self._images[ref]
-
-    def product(self, item_id: str, bare: bool = False) -> Product:
-        """The catalog product; ``bare`` withholds its category and attributes (field dropout)."""
-        r = self.records[item_id]
-        imgs, bad = load_images(r.images[:4], load=self.image)
-        for i, why in bad:  # reported once per image, the product trains on the photos that load
-            if (item_id, i) not in self.bad_images:
-                self.bad_images.add((item_id, i))
-                print(f"row {r.row} (item {item_id}): images[{i}]: {why} (image skipped)")
-        return Product(r.title, [] if bare else list(r.category), {} if bare else dict(r.attributes), imgs, item_id)
-
-    def query(self, p: Pair) -> Query:
-        return Query(p.text, self.image(p.image) if p.image else None)
-
-    def hard_negative(self, p: Pair, rng: np.random.Generator, fallback: bool = False) -> str | None:
-        """A same-category product that is not the positive nor its variant: one of its nearest
-        neighbours in the given index, else any product of its leaf category; where the leaf holds
-        only the positive's group, None, or with ``fallback`` a random product of another group."""
-        def ok(i):
-            return i in self.records and i != p.item_id and (p.group_id is None or self.records[i].group_id != p.group_id)
-
-        pool = [i for i in self.neighbours.get(p.item_id, []) if ok(i)]
-        if not pool:
-            pool = [i for i in self.by_leaf[tuple(self.records[p.item_id].category)] if ok(i)]
-        if pool:
-            return str(rng.choice(pool))
-        if not fallback:
-            return None
-        for _ in range(100):  # rejection sampling: other-group products are the vast majority
-            i = self.all_ids[int(rng.integers(len(self.all_ids)))]
-            if ok(i):
-                return i
-        others = [i for i in self.all_ids if ok(i)]
-        if not others:
-            raise UserError(f"{self.data}: every product shares the group of {p.item_id}; no negative exists")
-        return str(rng.choice(others))
-
-
-def index_neighbours(root: Path, k: int) -> dict[str, list[str]]:
-    """item -> its k nearest products in the same category index (exact, from the stored vectors)."""
-    from moonsearch.index.index_set import IndexSet
-
-    out: dict[str, list[str]] = {}
-    for cat in IndexSet.load(root).categories.values():
-        v = np.asarray(cat.vectors, np.float32)
-        ids = cat.meta.column("item_id").to_pylist()
-        for s in range(0, len(v), 1024):
-            sims = v[s:s + 1024] @ v.T
-            for r, row in enumerate(sims):
-                row[s + r] = -np.inf
-                top = np.argsort(-row)[:k]
-                out[ids[s + r]] = [ids[j] for j in top]
-    return out
-
-
-def _ids(items: list[str], groups: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.tensor([id_hash(i) for i in items]), torch.tensor([id_hash(g) for g in groups])
-
-
-def _gather_ids(t: torch.Tensor) -> torch.Tensor:
-    if not is_distributed():
-        return t
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
+from moonsearch.errors import UserError
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
@@ -347,38 +223,20 @@ class Trainer:
                 p_emb, aux = self.tm.products(products)
                 q_emb, aux_q = self.tm.queries(queries)
             p_emb, q_emb = F.normalize(p_emb.float(), dim=-1), F.normalize(q_emb.float(), dim=-1)
-            c_items, c_groups = _ids(items + hard, groups + [self.batches.records[h].group_id for h in hard])
-            B = len(pairs)
-            if cfg.gather:
-                cand = all_gather_with_grad(p_emb)
-                c_items, c_groups = _gather_ids(c_items), _gather_ids(c_groups)
-                offset = self.rank * len(p_emb)
-            else:
-                cand, offset = p_emb, 0
-            q_items, q_groups = _ids(items, groups)
-            if self.queue is not None and int(self.queue.filled):
-                qv, qi, qg = self.queue.contents()
-                cand = torch.cat([cand, qv])
-                c_items, c_groups = torch.cat([c_items, qi.cpu()]), torch.cat([c_groups, qg.cpu()])
-            pos = torch.arange(B) + offset
-            mask = false_negative_mask(q_items, q_groups, c_items, c_groups, pos, cfg.mask_groups)
-            if not cfg.in_batch:  # the other queries' positives are not used as negatives
-                mask[:, offset:offset + B] |= ~torch.eye(B, dtype=torch.bool)
-            temp = 1 / self.log_t.exp()
-            loss = info_nce(q_emb, cand, pos.to(cand.device), mask.to(cand.device), temp, cfg.symmetric)
+            scored = contrastive_loss(q_emb, p_emb, (items, groups),
+                                      (items + hard, groups + [self.batches.records[h].group_id for h in hard]),
+                                      cfg, self.queue, self.rank, self.world, 1 / self.log_t.exp())
+            loss = scored.loss
             total = loss + cfg.aux_weight * (aux + aux_q)
             tb = time.perf_counter()
             (total / cfg.grad_accum).backward()
             totals["backward_s"] += time.perf_counter() - tb
             totals["forward_s"] += tb - tf
             totals["loss"] += loss.item() / cfg.grad_accum
-            totals["candidates"] = len(cand)  # products each query is scored against (positive included)
+            totals["candidates"] = scored.candidates  # products each query is scored against (positive included)
             totals["aux"] += float((aux + aux_q).detach()) / cfg.grad_accum
             if self.queue is not None:
-                n_local = len(p_emb)
-                self.queue.push(cand[:n_local * (self.world if cfg.gather else 1)].detach(),
-                                c_items[:n_local * (self.world if cfg.gather else 1)],
-                                c_groups[:n_local * (self.world if cfg.gather else 1)])
+                self.queue.push(*scored.fresh)
         if is_distributed() and not self.fsdp:
             all_reduce_gradients(self.params)  # same collectives on every rank, missing gradients as zeros
         t1 = time.perf_counter()

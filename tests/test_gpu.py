@@ -1,0 +1,46 @@
+"""The CUDA paths (deselected by default: ``pytest -m gpu`` on a machine with a GPU)."""
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cuda():
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need a CUDA device (run them with -m gpu on a GPU machine only)")
+
+
+@pytest.mark.parametrize("name", ["clip-mini", "moon-tiny"])
+def test_cuda_vectors_match_cpu_vectors(name, world):
+    """An encoder on CUDA gives the vectors it gives on the CPU (the index is built on one, queried on
+    the other); the shared EfficientNet stays on the CPU for the detector."""
+    import pyarrow.parquet as pq
+
+    from moonsearch.data.images import load_image
+    from moonsearch.models.base import Product, Query, create_encoder
+    from moonsearch.models.towers import _effnet
+
+    rows = pq.read_table(world / "catalog.parquet").to_pylist()[:8]
+    products = [Product(r["title"], r["category"], dict(r["attributes"]), [load_image(p, world) for p in r["images"]])
+                for r in rows]
+    queries = [Query("red sneakers"), Query(image=products[0].images[0])]
+    cpu, gpu = create_encoder(name, "cpu"), create_encoder(name, "cuda")
+    for a, b in ((cpu.encode_products(products), gpu.encode_products(products)),
+                 (cpu.encode_queries(queries), gpu.encode_queries(queries))):
+        assert np.allclose((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)), 1, atol=1e-3)
+    assert next(_effnet().parameters()).device.type == "cpu"
+
+
+def test_faiss_gpu_search_matches_exact():
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources"):
+        pytest.skip("faiss-cpu installed: the faiss GPU index is not available in this environment")
+    rng = np.random.default_rng(0)
+    xb, xq = rng.normal(size=(20000, 64)).astype(np.float32), rng.normal(size=(100, 64)).astype(np.float32)
+    index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, faiss.IndexFlatIP(64))
+    index.add(xb)
+    _, ids = index.search(xq, 10)
+    assert (ids == np.argsort(-(xq @ xb.T), axis=1)[:, :10]).mean() > 0.99

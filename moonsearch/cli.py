@@ -33,7 +33,9 @@ def friendly(fn):
         try:
             return fn(*a, **kw)
         except (UserError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
-            err.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
+            from rich.markup import escape
+
+            err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)  # the message is text, not markup
             raise typer.Exit(2)
 
     return wrapper

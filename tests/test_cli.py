@@ -141,6 +141,24 @@ def test_a_bug_keeps_its_traceback():
     with pytest.raises(typer.Exit):
         user()
 
+    @friendly
+    def bracketed():  # a message with brackets is shown as written, not read as rich markup
+        raise UserError("row 4: images[0] [/bold] unreadable")
+
+    import io
+
+    from moonsearch import cli
+
+    buf = io.StringIO()
+    old = cli.err.file
+    cli.err.file = buf
+    try:
+        with pytest.raises(typer.Exit):
+            bracketed()
+    finally:
+        cli.err.file = old
+    assert "images[0] [/bold] unreadable" in buf.getvalue()
+
 
 def test_demo_main_job_and_recall_bench(tmp_path):
     """The quick start's main command, on a small world and the tiny model, then the recall benchmark."""

@@ -205,3 +205,20 @@ def test_grounding_cropper_is_selectable_from_a_config():
         fresh_encoder(MoonConfig(cropper="grounding"), "x")
     with pytest.raises(UserError, match="cropper 'nope'"):
         fresh_encoder(replace(cfg, cropper="nope"), "x")
+
+
+def test_models_never_import_vision():
+    """The encoders get their cropper from the registry in moonsearch.models.cropping, which the
+    vision package fills: no module under moonsearch/models names moonsearch.vision."""
+    import pathlib
+    import re
+
+    import moonsearch
+
+    root = pathlib.Path(moonsearch.__file__).parent / "models"
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if re.search(r"^\s*(from|import)\s+moonsearch\.vision", p.read_text(), re.M)]
+    assert offenders == []
+    from moonsearch.models.cropping import cropper_names
+
+    assert {"centre", "saliency", "detector", "grounding"} <= set(cropper_names())

@@ -13,28 +13,12 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
 from moonsearch.errors import UserError
-
-Box = tuple[int, int, int, int]
-
-
-class Cropper(Protocol):
-    name: str
-
-    def box(self, image: Image.Image, title: str = "") -> Box: ...
-
-
-def crop(image: Image.Image, box: Box, pad: float = 0.05) -> Image.Image:
-    w, h = image.size
-    x0, y0, x1, y1 = box
-    px, py = (x1 - x0) * pad, (y1 - y0) * pad
-    b = (max(0, int(x0 - px)), max(0, int(y0 - py)), min(w, int(x1 + px)), min(h, int(y1 + py)))
-    return image.crop(b)
+from moonsearch.models.cropping import Box, Cropper, crop, make_cropper, register_cropper  # noqa: F401 (re-exported)
 
 
 class CentreCropper:
@@ -184,17 +168,14 @@ def _detector():
     return DetectorCropper()
 
 
-CROPPERS = {"centre": CentreCropper, "saliency": SaliencyCropper, "detector": _detector,
-            "grounding": GroundingCropper.from_pretrained}
+def _detector_head() -> bytes:
+    from moonsearch.vision.detector import HEAD_FILE
+
+    return HEAD_FILE.read_bytes() if HEAD_FILE.exists() else b""
 
 
-def make_cropper(name: str, grounding_source: str = "", device: str = "cpu"):
-    """The cropper a MOON config names. ``grounding`` needs a Qwen-VL source (hub id or local folder)."""
-    if name not in CROPPERS:
-        raise UserError(f"cropper {name!r}: expected one of {', '.join(CROPPERS)}")
-    if name == "grounding":
-        if not grounding_source:
-            raise UserError("cropper 'grounding' asks a Qwen2-VL / Qwen2.5-VL model for the box: set grounding_source "
-                            "to its hub id or local folder (or use backbone qwen-vl, whose source it then shares)")
-        return GroundingCropper.from_pretrained(grounding_source, device)
-    return CROPPERS[name]()
+CROPPERS = {"centre": CentreCropper, "saliency": SaliencyCropper, "detector": _detector}
+register_cropper("centre", CentreCropper)
+register_cropper("saliency", SaliencyCropper)
+register_cropper("detector", _detector, _detector_head)
+register_cropper("grounding", GroundingCropper.from_pretrained, needs_source=True)

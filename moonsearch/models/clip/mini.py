@@ -127,7 +127,7 @@ class ClipMini(DualEncoder):
                                   cfg.visual_whitening, cfg.visual_crops) if cfg.visual_product > 0 else None
         self.cropper = None
         if self.visual and self.visual.crops:  # the core-product detector (a box head on the same tower)
-            from moonsearch.vision.croppers import make_cropper
+            from moonsearch.models.cropping import make_cropper
 
             self.cropper = make_cropper("detector")
         self.image_tower = ImageTower(cfg.image_size, self.device)
@@ -141,9 +141,9 @@ class ClipMini(DualEncoder):
         if self.visual:
             h.update(self.visual.fingerprint())
         if self.cropper is not None:
-            from moonsearch.vision.detector import HEAD_FILE
+            from moonsearch.models.cropping import cropper_fingerprint
 
-            h.update(HEAD_FILE.read_bytes())
+            h.update(cropper_fingerprint("detector"))
         self.fingerprint = h.hexdigest()[:16]
 
     @torch.inference_mode()
@@ -155,7 +155,7 @@ class ClipMini(DualEncoder):
         vis = self.visual.image_vectors(feats.numpy(), gem.numpy())
         if self.cropper is not None:
             from moonsearch.models.base import l2_normalize
-            from moonsearch.vision.croppers import crop
+            from moonsearch.models.cropping import crop
 
             crops = [crop(im, b) for im, b in zip(images, self.cropper.boxes(list(images)))]
             a2, g2, _ = self.image_tower.pooled(crops, batch_size)

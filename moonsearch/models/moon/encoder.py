@@ -156,7 +156,7 @@ class MoonEncoder(Encoder):
                                       self.cfg.visual_crops)
             self.image_tower = ImageTower(self.cfg.image_size, self.device)
         self.dim = model.dim + (self.visual.dim if self.visual else 0)
-        from moonsearch.vision.croppers import make_cropper
+        from moonsearch.models.cropping import make_cropper
 
         grounding = self.cfg.grounding_source or (self.cfg.source if self.cfg.backbone == "qwen-vl" else "")
         self.cropper = make_cropper(self.cfg.cropper, grounding, self.device) if self.cfg.use_crops else None
@@ -197,14 +197,14 @@ class MoonEncoder(Encoder):
         return out
 
     def _crops(self, images, title):
-        from moonsearch.vision.croppers import crop
+        from moonsearch.models.cropping import crop
 
         if not self.cfg.use_crops:
             return None
         return [crop(im, b) for im, b in zip(images, self._boxes(images, [title] * len(images)))]
 
     def product_batch(self, products: Sequence[Product]):
-        from moonsearch.vision.croppers import crop
+        from moonsearch.models.cropping import crop
 
         imgs = [list(p.images[:self.cfg.max_images]) for p in products]
         crops: list = [None] * len(products)
@@ -229,7 +229,7 @@ class MoonEncoder(Encoder):
         flat = [im for g in image_groups for im in g]
         crops = None
         if flat and self.visual.crops and self.cropper is not None:  # boxes are cached: found once per image
-            from moonsearch.vision.croppers import crop
+            from moonsearch.models.cropping import crop
 
             titles = [t or "" for t, g in zip(texts, image_groups) for _ in g]
             crops = [crop(im, b) for im, b in zip(flat, self._boxes(flat, titles))]
@@ -244,7 +244,7 @@ class MoonEncoder(Encoder):
                                  [list(p.images[:self.cfg.max_images]) for p in products], products=True)
 
     def query_batch(self, queries: Sequence[Query]):
-        from moonsearch.vision.croppers import crop
+        from moonsearch.models.cropping import crop
 
         crops: list = [None] * len(queries)
         if self.cfg.use_crops and self.cfg.crop_queries:
@@ -349,11 +349,10 @@ def vector_fingerprint(cfg: MoonConfig, weights: bytes = b"") -> str:
         from moonsearch.models.visual import load_whitening
 
         h.update(load_whitening(cfg.visual_whitening)[2])
-    if cfg.use_crops and cfg.cropper == "detector":
-        from moonsearch.vision.detector import HEAD_FILE
+    if cfg.use_crops:
+        from moonsearch.models.cropping import cropper_fingerprint
 
-        if HEAD_FILE.exists():
-            h.update(HEAD_FILE.read_bytes())
+        h.update(cropper_fingerprint(cfg.cropper))
     return h.hexdigest()[:16]
 
 

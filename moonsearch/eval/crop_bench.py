@@ -10,7 +10,8 @@ import numpy as np
 
 from moonsearch.data.render import render
 from moonsearch.data.synthetic import sample_specs
-from moonsearch.vision.croppers import CROPPERS, iou
+from moonsearch.models.cropping import cropper_names, make_cropper
+from moonsearch.vision.croppers import iou
 
 
 class NoCrop:
@@ -21,7 +22,7 @@ class NoCrop:
 
 
 def evaluate(n: int = 300, seed: int = 777, size: int = 160, croppers=None) -> list[dict]:
-    croppers = croppers or [NoCrop(), *(c() for c in CROPPERS.values())]
+    croppers = croppers or [NoCrop(), *(make_cropper(name) for name in cropper_names(offline=True))]
     rows = []
     for label, bg in (("photographic backgrounds", [0, 0, 0, 1.0]), ("listing mix", None)):
         rng = np.random.default_rng(seed)

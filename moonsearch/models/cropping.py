@@ -47,8 +47,9 @@ def register_cropper(name: str, factory: Callable[..., Cropper], fingerprint: Ca
     _CROPPERS[name] = _Entry(factory, fingerprint, needs_source)
 
 
-def cropper_names() -> list[str]:
-    return list(_CROPPERS)
+def cropper_names(offline: bool = False) -> list[str]:
+    """Registered croppers; ``offline``: only those that need no model source."""
+    return [n for n, e in _CROPPERS.items() if not (offline and e.needs_source)]
 
 
 def make_cropper(name: str, source: str = "", device: str = "cpu") -> Cropper:

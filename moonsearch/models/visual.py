@@ -87,15 +87,16 @@ class VisualBlock:
         """What changes the visual vectors beyond the weights: the transform's bytes."""
         return load_whitening(self.whitening)[2] if self.whitening else b"raw-avg"
 
-    def pictures(self, tower, images: list, crops: list | None = None) -> np.ndarray:
+    def pictures(self, tower, images: list, crops: list | None = None, pooled=None) -> np.ndarray:
         """(n, dim) unit visual vectors of ``images`` (PIL); with ``crops`` (the core-product crop of each
         image, same order) each vector is the normalised sum of the picture's and its crop's: the
-        product cut out of a cluttered listing photo counts as much as the whole photo."""
+        product cut out of a cluttered listing photo counts as much as the whole photo. ``pooled``:
+        the tower's (avg, gem) features of ``images`` when the caller already has them."""
         from moonsearch.models.base import l2_normalize
 
         if not images:
             return np.zeros((0, self.dim), np.float32)
-        avg, gem, _ = tower.pooled(images)
+        avg, gem = pooled if pooled is not None else tower.pooled(images)[:2]
         v = self.image_vectors(avg.numpy(), gem.numpy())
         if crops is not None and self.crops:
             a2, g2, _ = tower.pooled(crops)

@@ -24,11 +24,11 @@ GB = 1024 ** 3
 # text decoder and vision tower shapes of the released checkpoints (their config.json values)
 KNOWN_SHAPES = {
     "Qwen/Qwen2.5-VL-3B-Instruct": dict(hidden=2048, intermediate=11008, layers=36, heads=16, kv_heads=2,
-                                        vocab=151936, tied=True, v_hidden=1280, v_intermediate=3420, v_depth=32),
+                                        vocab=151936, v_hidden=1280, v_intermediate=3420, v_depth=32),
     "Qwen/Qwen2.5-VL-7B-Instruct": dict(hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4,
-                                        vocab=152064, tied=False, v_hidden=1280, v_intermediate=3420, v_depth=32),
+                                        vocab=152064, v_hidden=1280, v_intermediate=3420, v_depth=32),
     "Qwen/Qwen2-VL-2B-Instruct": dict(hidden=1536, intermediate=8960, layers=28, heads=12, kv_heads=2,
-                                      vocab=151936, tied=True, v_hidden=1280, v_intermediate=5120, v_depth=32, v_gated=False),
+                                      vocab=151936, v_hidden=1280, v_intermediate=5120, v_depth=32, v_gated=False),
 }
 
 
@@ -63,7 +63,6 @@ def shape_of(source: str) -> dict:
     v = getattr(c, "vision_config", None)
     return dict(hidden=t.hidden_size, intermediate=t.intermediate_size, layers=t.num_hidden_layers,
                 heads=t.num_attention_heads, kv_heads=t.num_key_value_heads, vocab=t.vocab_size,
-                tied=bool(getattr(c, "tie_word_embeddings", getattr(t, "tie_word_embeddings", False))),
                 v_depth=getattr(v, "depth", 0) if v else 0, **_vision_width(v))
 
 
@@ -110,7 +109,7 @@ def estimate(tc, world: int = 1, gradient_checkpointing: bool | None = None, ima
         s = shape_of(mc.source)
     else:  # composed: SmolLM2-135M cut to num_layers (EfficientNet tower frozen, ~4.6M)
         s = dict(hidden=576, intermediate=1536, layers=mc.num_layers or 30, heads=9, kv_heads=3, vocab=49152,
-                 tied=True, v_hidden=0, v_intermediate=0, v_depth=0)
+                 v_hidden=0, v_intermediate=0, v_depth=0)
     h, i, L = s["hidden"], s["intermediate"], s["layers"]
     moe_layers = len(mc.moe.layers) if mc.moe.layers is not None else L
     n_experts = 2 + mc.moe.n_general  # category, attribute, general ones

@@ -174,7 +174,6 @@ def _detector_head() -> bytes:
     return HEAD_FILE.read_bytes() if HEAD_FILE.exists() else b""
 
 
-CROPPERS = {"centre": CentreCropper, "saliency": SaliencyCropper, "detector": _detector}
 register_cropper("centre", CentreCropper)
 register_cropper("saliency", SaliencyCropper)
 register_cropper("detector", _detector, _detector_head)

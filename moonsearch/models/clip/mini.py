@@ -152,15 +152,12 @@ class ClipMini(DualEncoder):
         emb = self.heads.image(feats.to(self.device), logits.to(self.device)).cpu().numpy().astype(np.float32)
         if not self.visual:
             return emb, None
-        vis = self.visual.image_vectors(feats.numpy(), gem.numpy())
+        crops = None
         if self.cropper is not None:
-            from moonsearch.models.base import l2_normalize
             from moonsearch.models.cropping import crop
 
             crops = [crop(im, b) for im, b in zip(images, self.cropper.boxes(list(images)))]
-            a2, g2, _ = self.image_tower.pooled(crops, batch_size)
-            vis = l2_normalize(vis + self.visual.image_vectors(a2.numpy(), g2.numpy())).astype(np.float32)
-        return emb, vis
+        return emb, self.visual.pictures(self.image_tower, list(images), crops, pooled=(feats, gem))
 
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
         return self.image_parts(images, batch_size)[0]

@@ -89,6 +89,34 @@ def test_pooling_ignores_padding_and_prompt(moon_tiny):
     assert (inputs["token_types"][0] == PAD).sum() > 10
 
 
+def test_block_pooling_keeps_text_scores_free_of_photos(tiny_folder):
+    """pool='blocks' + text first: a text query scores only the product's text block, so photos scale every
+    product's text score by the same w and never reorder products for a text query; photo queries meet
+    both blocks."""
+    from moonsearch.models.moon.encoder import MoonEncoder
+
+    model = build_model(_tiny_cfg(tiny_folder, pool="blocks", text_first=True, cropper="centre"))
+    enc = MoonEncoder(model, "moon-tiny-blocks", "blocks")
+    h = model.adapter.hidden_size
+    assert enc.dim == 2 * h
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40)]
+    titles = ["red mug", "green lamp", "blue chair", "yellow boots"]
+    with_photos = enc.encode_products([Product(t, ["home"], {"colour": t.split()[0]},
+                                               [Image.new("RGB", (64, 64), c)]) for t, c in zip(titles, colours)])
+    without = enc.encode_products([Product(t, ["home"], {"colour": t.split()[0]}) for t in titles])
+    w = model.cfg.text_pool_weight
+    assert np.abs(without[:, h:]).max() == 0
+    np.testing.assert_allclose(np.linalg.norm(with_photos[:, h:], axis=1), (1 - w * w) ** 0.5, atol=1e-5)
+    q = enc.encode_queries([Query(text=t) for t in ("a mug", "boots", "blue furniture")])
+    assert np.abs(q[:, h:]).max() == 0
+    np.testing.assert_allclose(q @ with_photos.T, w * (q @ without.T), atol=1e-5)
+    photo = enc.encode_queries([Query(image=Image.new("RGB", (64, 64), (200, 30, 30)))])
+    a = model.cfg.image_to_text_weight
+    np.testing.assert_allclose([np.linalg.norm(photo[0, :h]), np.linalg.norm(photo[0, h:])],
+                               [a, (1 - a * a) ** 0.5], atol=1e-5)
+    np.testing.assert_allclose(photo[0, :h] / a, photo[0, h:] / (1 - a * a) ** 0.5, atol=1e-5)
+
+
 def test_save_load_round_trip_is_bit_exact(moon_tiny, tmp_path):
     folder = save_pretrained(moon_tiny.model, tmp_path / "ckpt")
     again = create_encoder(f"moon:{folder}")

@@ -46,9 +46,15 @@ class MoonConfig:
     seed: int = 0  # initialisation of the new parts (projector, gates)
     # pooling: "mean" (the paper: one mean over every text and image position) or "split": the text
     # and the image positions averaged apart and weighted, normalise(w * n(text) + (1-w^2)^.5 * n(image)),
-    # so that a product's many image tokens cannot swamp its few text tokens
+    # so that a product's many image tokens cannot swamp its few text tokens; or "blocks": text and image
+    # means side by side in two blocks, [w * n(text), (1-w^2)^.5 * n(image)] for an input with both, so a
+    # text-only query scores the product's text block alone and photos can never move a product's rank for
+    # its own text (with text_first the product's text states never see its photos). A text-only input is
+    # [n(text), 0]; an image-only one [a * n(image), (1-a^2)^.5 * n(image)] (a = image_to_text_weight:
+    # photo queries still meet the product's text block, as they were trained to)
     pool: str = "mean"
     text_pool_weight: float = 0.9
+    image_to_text_weight: float = 0.7071
     text_first: bool = False  # product text before its images (text states then never see the photos)
     # the visual block (moonsearch.models.visual): raw EfficientNet-Lite0 features beside the pooled
     # vector; visual_product = 0 turns it off
@@ -84,7 +90,7 @@ class MoonModel(nn.Module):
             moe_mod.convert(adapter.decoder_layers(), adapter.hidden_size, cfg.moe) if cfg.use_moe else [])
         self.projection = nn.Linear(adapter.hidden_size, cfg.projection_dim, bias=False) \
             if cfg.projection_dim else None
-        self.dim = cfg.projection_dim or adapter.hidden_size
+        self.dim = (cfg.projection_dim or adapter.hidden_size) * (2 if cfg.pool == "blocks" else 1)
 
     def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> pooled (B, dim) unnormalised, aux load-balancing loss (scalar), token types (B, T)."""
@@ -93,28 +99,36 @@ class MoonModel(nn.Module):
         for m in self.moe_layers:
             m.token_types = token_types  # the map that guides the experts
         hidden = self.adapter.run(inputs)  # (B, T, H)
-        pooled = self.pool(hidden, token_types)  # (B, H)
-        if self.projection is not None:
-            pooled = self.projection(pooled)
+        pooled = self.pool(hidden, token_types)  # (B, H), or (B, 2H) with blocks (projected per block)
         aux = sum((m.aux_loss for m in self.moe_layers), torch.zeros((), device=hidden.device))
         return pooled, aux, token_types
 
     def pool(self, hidden: torch.Tensor, token_types: torch.Tensor) -> torch.Tensor:
-        """(B, T, H) hidden states -> (B, H), by ``cfg.pool`` (see MoonConfig)."""
+        """(B, T, H) hidden states -> (B, H) or (B, 2H) with blocks, by ``cfg.pool`` (see MoonConfig);
+        the projection head, when there is one, is applied to each pooled mean."""
         def masked_mean(kinds):
             m = torch.isin(token_types, torch.tensor(kinds)).to(hidden.device).unsqueeze(-1).to(hidden.dtype)
-            return (hidden * m).sum(1) / m.sum(1).clamp(min=1), m.sum(1) > 0  # (B, H), (B, 1)
+            mean = (hidden * m).sum(1) / m.sum(1).clamp(min=1)  # (B, H)
+            return (self.projection(mean) if self.projection is not None else mean), m.sum(1) > 0
 
         if self.cfg.pool == "mean":
             return masked_mean(POOLED)[0]
-        if self.cfg.pool != "split":
-            raise UserError(f"pool: {self.cfg.pool!r} is neither 'mean' nor 'split'")
+        if self.cfg.pool not in ("split", "blocks"):
+            raise UserError(f"pool: {self.cfg.pool!r} is not one of 'mean', 'split', 'blocks'")
         (t, has_t), (i, has_i) = masked_mean(TEXT_KINDS), masked_mean(IMAGE_KINDS)
+        t, i = nn.functional.normalize(t, dim=-1) * has_t, nn.functional.normalize(i, dim=-1) * has_i
         w = self.cfg.text_pool_weight
+        if self.cfg.pool == "blocks":
+            both = (has_t & has_i).to(hidden.dtype)
+            a = self.cfg.image_to_text_weight
+            only_i = (has_i & ~has_t).to(hidden.dtype)
+            text_block = t * (both * w + (1 - both)) + i * only_i * a
+            image_block = i * (both * (1 - w * w) ** 0.5 + only_i * (1 - a * a) ** 0.5)
+            return torch.cat([text_block, image_block], dim=-1)
         wt = torch.where(has_i, torch.full_like(has_t, w, dtype=hidden.dtype), torch.ones_like(t[:, :1]))
         wi = torch.where(has_t, torch.full_like(has_i, (1 - w * w) ** 0.5, dtype=hidden.dtype),
                          torch.ones_like(i[:, :1]))
-        return wt * nn.functional.normalize(t, dim=-1) * has_t + wi * nn.functional.normalize(i, dim=-1) * has_i
+        return wt * t + wi * i
 
     def new_modules(self) -> list[nn.Module]:
         """Parts that start from scratch: the image projector, the projection head, the expert gates."""

@@ -237,6 +237,41 @@ def print_hits(hits, label: str) -> None:
 
 @app.command()
 @friendly
+def serve(
+    index_dir: Annotated[Optional[Path], typer.Option("--index", help="index folder (default: last built)")] = None,
+    host: Annotated[str, typer.Option(help="address to bind (loopback unless told otherwise)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8080,
+    workers: Annotated[int, typer.Option(help="server processes (each loads the index and the encoder)")] = 1,
+    model: Annotated[Optional[str], typer.Option(help="encoder (default: the index's)")] = None,
+    allow_image_urls: Annotated[bool, typer.Option(help="let /search fetch an http(s) image URL "
+                                                   "(5 s timeout, 10 MB cap)")] = False,
+    max_batch: Annotated[int, typer.Option(help="most queries per encoder call")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="longest wait for a batch to fill, in ms")] = 5.0,
+    reload_interval: Annotated[float, typer.Option(help="seconds between checks of the index manifest "
+                                                   "(hot reload; 0: off, SIGHUP still reloads)")] = 1.0,
+):
+    """HTTP search API and search page (open http://HOST:PORT/ in a browser). MOONSEARCH_API_KEY set:
+    every endpoint but /health and the page needs the X-API-Key header."""
+    import os
+
+    from moonsearch.serve.engine import ServeOptions
+
+    at_least("--workers", workers), at_least("--max-batch", max_batch), at_least("--port", port, 0)
+    if not 0 <= max_wait_ms <= 1000:
+        from moonsearch.errors import UserError
+
+        raise UserError(f"--max-wait-ms {max_wait_ms}: expected 0..1000")
+    folder = index_dir or default_index()
+    opts = ServeOptions(folder, model, allow_image_urls, max_wait_ms, max_batch, reload_interval,
+                        os.environ.get("MOONSEARCH_API_KEY") or None)
+    console.print(f"loading {folder} and warming the encoder ...")
+    from moonsearch.serve.app import serve as run_server
+
+    run_server(opts, host, port, workers)
+
+
+@app.command()
+@friendly
 def delete(
     ids: Annotated[list[str], typer.Argument(help="item ids to remove")],
     index_dir: Annotated[Optional[Path], typer.Option("--index", help="index folder (default: last built)")] = None,

@@ -42,7 +42,8 @@ def resolve_path(ref: str, base_dir: Path | None) -> Path | None:
     return p if p.is_absolute() or base_dir is None else base_dir / p
 
 
-def read_bytes(ref: ImageRef, base_dir: Path | None = None, timeout: float = 10.0) -> bytes:
+def read_bytes(ref: ImageRef, base_dir: Path | None = None, timeout: float = 10.0,
+               max_bytes: int = MAX_DOWNLOAD_BYTES) -> bytes:
     if isinstance(ref, (bytes, bytearray)):
         return bytes(ref)
     path = resolve_path(ref, base_dir)
@@ -50,14 +51,14 @@ def read_bytes(ref: ImageRef, base_dir: Path | None = None, timeout: float = 10.
         try:
             req = urllib.request.Request(ref, headers={"User-Agent": "moonsearch"})
             with urllib.request.urlopen(req, timeout=timeout) as resp:
-                data = resp.read(MAX_DOWNLOAD_BYTES + 1)
+                data = resp.read(max_bytes + 1)
         except urllib.error.HTTPError as e:
             raise ImageError(f"unreachable URL {ref}: HTTP {e.code}") from None
         except (urllib.error.URLError, TimeoutError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise ImageError(f"unreachable URL {ref}: {reason}") from None
-        if len(data) > MAX_DOWNLOAD_BYTES:
-            raise ImageError(f"URL {ref} is larger than {MAX_DOWNLOAD_BYTES} bytes")
+        if len(data) > max_bytes:
+            raise ImageError(f"URL {ref} is larger than {max_bytes} bytes")
         return data
     try:
         return path.read_bytes()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -86,43 +86,67 @@ class SearchService:
     def search_product(self, item_id: str, k: int = 10, exclude_group: bool = True, **kw) -> list[Hit]:
         """Products like ``item_id`` (its own stored embedding); the item itself, and with
         ``exclude_group`` its variants (same group_id), are left out."""
-        slug, row = self._locate(item_id)
-        meta = self.index.categories[slug].meta
-        exclude = {item_id}
-        group = meta.column("group_id")[row].as_py()
-        if exclude_group and group:
-            exclude |= set(self._group_members(group))
-        return self.search_vectors(self.product_vector(item_id)[None], k, exclude=exclude, **kw)[0]
+        return self.search_products([item_id], k, exclude_group, **kw)
+
+    def search_products(self, item_ids: Sequence[str], k: int = 10, exclude_group: bool = True, **kw) -> list[Hit]:
+        """Products like all of ``item_ids`` (the normalised mean of their stored embeddings); the
+        items themselves, and with ``exclude_group`` their variants, are left out."""
+        if not item_ids:
+            raise UserError("give at least one item id")
+        exclude = set(item_ids)
+        for item_id in item_ids:
+            slug, row = self._locate(item_id)
+            group = self.index.categories[slug].meta.column("group_id")[row].as_py()
+            if exclude_group and group:
+                exclude |= set(self._group_members(group))
+        v = np.mean([self.product_vector(i) for i in dict.fromkeys(item_ids)], axis=0)
+        v = v / max(float(np.linalg.norm(v)), 1e-12)
+        return self.search_vectors(v[None], k, exclude=exclude, **kw)[0]
+
+    def item(self, item_id: str) -> Hit:
+        """The stored record of ``item_id`` (score 0)."""
+        return self._hit(*self._locate(item_id), 0.0)
 
     def search_vectors(self, xq: np.ndarray, k: int = 10, categories: Sequence[str] | None = None,
                        route: int | None = None, exclude: set[str] | None = None,
-                       params: IndexParams | None = None) -> list[list[Hit]]:
-        """(nq, d) L2-normalised float32 -> per query the top-k hits over the chosen categories."""
+                       params: IndexParams | None = None,
+                       where: Callable[[Hit], bool] | None = None) -> list[list[Hit]]:
+        """(nq, d) L2-normalised float32 -> per query the top-k hits over the chosen categories.
+        ``where`` keeps only the hits it accepts (e.g. an attribute filter): the search widens (x4 per
+        round) until k hits pass or every candidate of the chosen categories was seen."""
         check_k(k)
         if route is not None and (isinstance(route, bool) or route < 0):
             raise UserError(f"route={route}: expected the number of categories to search (1 or more; 0 or none: all)")
         xq = np.ascontiguousarray(xq, np.float32)
         assert xq.ndim == 2 and xq.shape[1] == self.index.encoder["dim"], (xq.shape, self.index.encoder["dim"])
         slugs = self._select(categories)
-        kk = k + (len(exclude) if exclude else 0)
         cats = [self.index.categories[s] for s in slugs]
         chosen = None
         if route:
             cents = self.centroids[[self.slugs.index(s) for s in slugs]]  # (C, d)
             chosen = [set(row) for row in np.argsort(-(xq @ cents.T), axis=1)[:, :route].tolist()]
-        found = multi_search(cats, xq, kk, params, chosen)
-        cands = [[(score, slugs[c], row) for score, c, row in per_q] for per_q in found]
-        out = []
-        for c in cands:
-            hits = []
-            for score, slug, row in c:
-                hit = self._hit(slug, row, score)
-                if exclude and hit.item_id in exclude:
-                    continue
-                hits.append(hit)
-                if len(hits) == k:
-                    break
-            out.append(hits)
+        total = sum(c.index.ntotal for c in cats)
+        kk = k + (len(exclude) if exclude else 0)
+        if where is not None:
+            kk *= 2
+        out: list[list[Hit] | None] = [None] * len(xq)
+        todo = list(range(len(xq)))
+        while todo:
+            found = multi_search(cats, xq[todo], kk, params, None if chosen is None else [chosen[q] for q in todo])
+            still = []
+            for q, per_q in zip(todo, found):
+                hits = []
+                for score, c, row in per_q:
+                    hit = self._hit(slugs[c], row, score)
+                    if (exclude and hit.item_id in exclude) or (where is not None and not where(hit)):
+                        continue
+                    hits.append(hit)
+                    if len(hits) == k:
+                        break
+                out[q] = hits
+                if where is not None and len(hits) < k and len(per_q) >= kk and kk < total:
+                    still.append(q)
+            todo, kk = still, min(kk * 4, total)
         return out
 
     # ---- helpers -----------------------------------------------------------------------------

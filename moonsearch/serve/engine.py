@@ -1,0 +1,267 @@
+"""What the HTTP server runs on: the loaded index and encoder, micro-batched query encoding, weighted
+query combination, filters, and hot reload of the index folder.
+
+Micro-batching: every request's query parts go into one asyncio queue; a single batching task takes the
+first waiting part, waits at most ``max_wait_ms`` for more (up to ``max_batch``), and encodes them all in
+ONE encoder call on a dedicated thread. While that call runs, new parts queue up and form the next
+batch, so under load batches grow by themselves and at concurrency 1 a query waits at most
+``max_wait_ms``.
+
+Hot reload: a poller compares ``manifest.json``'s (inode, size, mtime) every ``reload_interval`` seconds
+(and on ``reload_now()``, e.g. SIGHUP); on a change it loads the new index folder beside the old one and
+swaps one reference. A request takes the reference once at its start, so requests in flight finish on the
+index they started on; a folder caught mid-write fails to load and the old index keeps serving (counted in
+``/metrics``) until the next poll succeeds.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from moonsearch.errors import UserError
+from moonsearch.models.base import Encoder, Query
+from moonsearch.search.service import Hit, SearchService
+from moonsearch.serve.metrics import Metrics
+
+log = logging.getLogger("moonsearch.serve")
+
+
+@dataclass
+class ServeOptions:
+    index_dir: Path
+    model: str | None = None  # encoder name (default: the index's)
+    allow_image_urls: bool = False
+    max_wait_ms: float = 5.0
+    max_batch: int = 32
+    reload_interval: float = 1.0  # seconds between manifest polls (0: no polling)
+    api_key: str | None = None
+    max_upload_bytes: int = 10 * 1024 * 1024
+    url_timeout: float = 5.0
+
+    @classmethod
+    def from_env(cls) -> "ServeOptions":
+        """The options of a worker process (``moonsearch serve --workers N`` passes them in the environment)."""
+        e = os.environ
+        return cls(Path(e["MOONSEARCH_SERVE_INDEX"]), e.get("MOONSEARCH_SERVE_MODEL") or None,
+                   e.get("MOONSEARCH_SERVE_IMAGE_URLS") == "1", float(e.get("MOONSEARCH_SERVE_MAX_WAIT_MS", 5)),
+                   int(e.get("MOONSEARCH_SERVE_MAX_BATCH", 32)), float(e.get("MOONSEARCH_SERVE_RELOAD", 1.0)),
+                   e.get("MOONSEARCH_API_KEY") or None)
+
+    def to_env(self) -> dict[str, str]:
+        return {"MOONSEARCH_SERVE_INDEX": str(self.index_dir), "MOONSEARCH_SERVE_MODEL": self.model or "",
+                "MOONSEARCH_SERVE_IMAGE_URLS": "1" if self.allow_image_urls else "0",
+                "MOONSEARCH_SERVE_MAX_WAIT_MS": str(self.max_wait_ms), "MOONSEARCH_SERVE_MAX_BATCH": str(self.max_batch),
+                "MOONSEARCH_SERVE_RELOAD": str(self.reload_interval)}
+
+
+class MicroBatcher:
+    """Coalesces concurrent ``encode`` calls into batched encoder calls on one thread."""
+
+    def __init__(self, encode, max_wait_ms: float, max_batch: int, metrics: Metrics):
+        self.encode, self.max_wait, self.max_batch, self.metrics = encode, max_wait_ms / 1000, max_batch, metrics
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="encoder")
+        self.queue: asyncio.Queue | None = None
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.queue = asyncio.Queue()
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+        self.pool.shutdown(wait=False)
+
+    async def submit(self, query: Query) -> np.ndarray:
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put((query, fut))
+        return await fut
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.max_wait
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            batch = [(q, f) for q, f in batch if not f.cancelled()]  # clients that went away
+            if not batch:
+                continue
+            self.metrics.batch_size(len(batch))
+            try:
+                vecs = await loop.run_in_executor(self.pool, self.encode, [q for q, _ in batch])
+            except Exception as e:  # one bad query must not fail the others: retry one by one
+                if len(batch) == 1:
+                    if not batch[0][1].done():
+                        batch[0][1].set_exception(e)
+                    continue
+                for q, f in batch:
+                    try:
+                        v = (await loop.run_in_executor(self.pool, self.encode, [q]))[0]
+                        if not f.done():
+                            f.set_result(v)
+                    except Exception as e1:
+                        if not f.done():
+                            f.set_exception(e1)
+                continue
+            for (_, f), v in zip(batch, vecs):
+                if not f.done():
+                    f.set_result(v)
+
+
+def attribute_filter(wanted: dict[str, str | list[str]] | None):
+    """``{"colour": "red", "size": ["s", "m"]}`` -> a predicate on hits (case-insensitive values)."""
+    if not wanted:
+        return None
+    norm = {k: {v.strip().lower() for v in ([vals] if isinstance(vals, str) else vals)} for k, vals in wanted.items()}
+
+    def keep(hit: Hit) -> bool:
+        return all(str(hit.attributes.get(k, "")).strip().lower() in vals for k, vals in norm.items())
+
+    return keep
+
+
+class Engine:
+    def __init__(self, opts: ServeOptions, encoder: Encoder | None = None):
+        self.opts = opts
+        self.root = Path(opts.index_dir)
+        self.metrics = Metrics()
+        self.svc = SearchService(self.root, encoder=encoder or opts.model)
+        self.encoder = self.svc.encoder  # loaded now, not on the first request
+        self.metrics.items = self.svc.index.count
+        self._stamp = self._manifest_stamp()
+        self.batcher = MicroBatcher(self.encoder.encode_queries, opts.max_wait_ms, opts.max_batch, self.metrics)
+        self.search_pool = ThreadPoolExecutor(2, thread_name_prefix="search")
+        self._reload_lock = threading.Lock()
+        self._poller: asyncio.Task | None = None
+        self.ready = False
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def warm(self) -> None:
+        """One text, one photo and one text+photo query through the encoder and the index, so the first
+        user request pays no lazy loading."""
+        img = Image.new("RGB", (64, 64), (200, 60, 60))
+        xq = self.encoder.encode_queries([Query(text="warm up"), Query(image=img), Query(text="warm", image=img)])
+        self.svc.search_vectors(xq, k=1)
+        self.ready = True
+
+    async def start(self) -> None:
+        self.batcher.start()
+        if self.opts.reload_interval > 0:
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        await self.batcher.stop()
+        self.search_pool.shutdown(wait=False)
+
+    # ---- hot reload --------------------------------------------------------------------------
+    def _manifest_stamp(self):
+        try:
+            st = (self.root / "manifest.json").stat()
+            return st.st_ino, st.st_size, st.st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    async def _poll(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.opts.reload_interval)
+            await loop.run_in_executor(self.search_pool, self.reload_if_changed)
+
+    def reload_if_changed(self, force: bool = False) -> bool:
+        """Load the folder again if its manifest changed; True when a new index was swapped in."""
+        with self._reload_lock:
+            stamp = self._manifest_stamp()
+            if stamp is None or (stamp == self._stamp and not force):
+                return False
+            try:
+                new = SearchService(self.root, encoder=self.encoder)
+                new.search_vectors(np.zeros((1, new.index.encoder["dim"]), np.float32) + 1e-3, k=1)
+            except Exception as e:  # mid-write, or rebuilt with another encoder: keep serving the old one
+                self.metrics.reload_failures += 1
+                log.warning("index reload failed, still serving the previous index: %s", e)
+                return False
+            self.svc = new  # one reference swap: requests in flight keep the old service
+            self._stamp = stamp
+            self.metrics.reloads += 1
+            self.metrics.items = new.index.count
+            log.info("index reloaded: %d items", new.index.count)
+            return True
+
+    # ---- queries -----------------------------------------------------------------------------
+    async def query_vector(self, q: str | dict[str, float] | None, image: Image.Image | None,
+                           image_weight: float = 1.0) -> np.ndarray:
+        """One query vector. Text (+ photo): the encoder's own text / photo / text+photo query. Weighted
+        text parts {text: w} (+ photo at ``image_weight``): sum of w * each part's normalised vector,
+        normalised again (negative weights push away from a part)."""
+        if isinstance(q, str):
+            q = q.strip()
+            if not q and image is None:
+                raise UserError("q: empty query text and no image")
+            return await self.batcher.submit(Query(text=q or None, image=image))
+        if q is None:
+            if image is None:
+                raise UserError("give q (text or weighted texts) and/or an image")
+            return await self.batcher.submit(Query(image=image))
+        parts = [(Query(text=t.strip()), float(w)) for t, w in q.items() if t.strip() and w != 0]
+        if image is not None and image_weight != 0:
+            parts.append((Query(image=image), float(image_weight)))
+        if not parts:
+            raise UserError("q: no non-empty text with a non-zero weight (and no image)")
+        if all(w < 0 for _, w in parts):
+            raise UserError("q: every weight is negative; give at least one positive part")
+        vecs = await asyncio.gather(*(self.batcher.submit(p) for p, _ in parts))
+        v = sum(w * np.asarray(x, np.float32) for (_, w), x in zip(parts, vecs))
+        n = float(np.linalg.norm(v))
+        if n < 1e-6:
+            raise UserError("q: the weighted parts cancel out")
+        return (v / n).astype(np.float32)
+
+    async def search(self, svc: SearchService, vector: np.ndarray, limit: int, offset: int,
+                     categories: Sequence[str] | None = None, attributes: dict | None = None,
+                     exclude: set[str] | None = None, facets: bool = False, route: int | None = None
+                     ) -> tuple[list[Hit], dict | None]:
+        """Hits offset..offset+limit (and category facets over the top max(offset+limit, 200))."""
+        need = offset + limit
+        fetch = max(need, 200) if facets else need
+        where = attribute_filter(attributes)
+
+        def run():
+            return svc.search_vectors(vector[None], fetch, categories=categories, route=route, exclude=exclude,
+                                      where=where)[0]
+
+        hits = await asyncio.get_running_loop().run_in_executor(self.search_pool, run)
+        counts = None
+        if facets:
+            counts = {}
+            for h in hits:
+                key = " > ".join(h.category)
+                counts[key] = counts.get(key, 0) + 1
+            counts = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        return hits[offset:need], counts

@@ -1,0 +1,43 @@
+"""A real moonsearch server on a loopback port, in a thread of the test process (uvicorn, real HTTP)."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import uvicorn
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running(app):
+    """Serve ``app`` on a free loopback port; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def start(index_dir, encoder, **opts):
+    """create_app over ``index_dir`` with an already-built encoder (the test session's)."""
+    from moonsearch.serve.app import create_app
+    from moonsearch.serve.engine import Engine, ServeOptions
+
+    o = ServeOptions(index_dir, **opts)
+    return create_app(o, Engine(o, encoder=encoder))

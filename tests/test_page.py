@@ -1,0 +1,154 @@
+"""The search page in a real browser: Playwright driving Debian's Chromium against a real server.
+
+Chromium comes from `apt-get install chromium` (.ci/run installs it). Without it these tests skip, except
+where MOONSEARCH_REQUIRE_BROWSER=1 (CI), where a missing browser fails them. Screenshots go to
+$MOONSEARCH_SCREENSHOTS when set."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from serve_util import running, start
+
+CHROMIUM = os.environ.get("MOONSEARCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("MOONSEARCH_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install chromium")
+        pytest.skip("no Chromium (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def url(tiny_index, clip_tiny):
+    with running(start(tiny_index, clip_tiny, reload_interval=0)) as u:
+        yield u
+
+
+@pytest.fixture(scope="module")
+def catalog(tiny_index, clip_tiny):
+    from moonsearch.search.service import SearchService
+
+    svc = SearchService(tiny_index, encoder=clip_tiny)
+    return [m for c in svc.index.categories.values() for m in c.meta.to_pylist()]
+
+
+def shot(page, name: str) -> None:
+    folder = os.environ.get("MOONSEARCH_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(folder) / f"{name}.png"), full_page=False)
+
+
+def cards(page) -> list[dict]:
+    return page.eval_on_selector_all(".card", """els => els.map(e => ({
+        id: e.dataset.itemId, cat: e.querySelector('.cat').textContent,
+        img: e.querySelector('img') ? e.querySelector('img').naturalWidth : -1}))""")
+
+
+def wait_results(page) -> None:
+    page.wait_for_function("() => !document.getElementById('status').textContent.startsWith('Searching')")
+
+
+def test_query_in_the_url_shows_hits_with_loaded_photos(browser, url):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(url + "/?q=red+sneakers")
+    page.wait_for_selector(".card")
+    page.wait_for_function("() => [...document.querySelectorAll('.card img')].slice(0, 10).every("
+                           "i => i.complete && i.naturalWidth > 0)")
+    found = cards(page)
+    assert len(found) == 24 and all(c["img"] > 0 for c in found[:10])  # the rest load lazily
+    assert page.input_value("#q") == "red sneakers"
+    assert "results for" in page.text_content("#status")
+    shot(page, "page-text-query")
+    page.close()
+
+
+def test_typing_a_query_updates_the_url(browser, url, catalog):
+    page = browser.new_page()
+    page.goto(url + "/")
+    title = catalog[7]["title"]
+    page.fill("#q", title)
+    page.press("#q", "Enter")
+    page.wait_for_selector(".card")
+    wait_results(page)
+    assert "q=" in page.url and page.evaluate("new URLSearchParams(location.search).get('q')") == title
+    assert cards(page)[0]["id"]  # the library ranks; the page shows what the API returned
+    page.close()
+
+
+def test_photo_upload(browser, url, catalog):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(url + "/")
+    photo = next(m for m in catalog if m["images"])["images"][0]
+    page.set_input_files("#photo", photo)
+    page.wait_for_selector(".card")
+    wait_results(page)
+    assert "your photo" in page.text_content("#status"), page.text_content("#status")
+    assert page.is_visible("#photo-thumb")
+    page.wait_for_function("() => [...document.querySelectorAll('.card img')].slice(0, 5).every(i => i.complete && i.naturalWidth > 0)",
+                           timeout=10000)
+    shot(page, "page-photo-query")
+    page.close()
+
+
+def test_more_like_this(browser, url):
+    page = browser.new_page()
+    page.goto(url + "/?q=bag")
+    page.wait_for_selector(".card")
+    first = cards(page)[0]["id"]
+    page.click(f".card[data-item-id='{first}'] .like")
+    page.wait_for_function(f"() => new URLSearchParams(location.search).get('like') === '{first}'")
+    wait_results(page)
+    page.wait_for_selector(".card")
+    assert first not in [c["id"] for c in cards(page)]
+    assert "products like" in page.text_content("#status")
+    page.close()
+
+
+def test_facet_narrows_and_chip_clears(browser, url):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(url + "/?q=shoes")
+    page.wait_for_selector(".facet")
+    facet = page.eval_on_selector_all(".facet", "els => els.map(e => e.dataset.category)")[1]
+    page.click(f".facet[data-category='{facet}']")
+    page.wait_for_function("() => new URLSearchParams(location.search).getAll('category').length === 1")
+    wait_results(page)
+    got = cards(page)
+    assert got and all(c["cat"].startswith(facet) for c in got)
+    shot(page, "page-facet")
+    page.click(".chip")
+    page.wait_for_function("() => new URLSearchParams(location.search).getAll('category').length === 0")
+    wait_results(page)
+    assert not all(c["cat"].startswith(facet) for c in cards(page))
+    page.close()
+
+
+def test_errors_are_shown(browser, url):
+    page = browser.new_page()
+    page.goto(url + "/?q=shoes&category=no+such+category")
+    page.wait_for_selector("#status.error")
+    assert "no indexed category matches" in page.text_content("#status")
+    page.close()
+
+
+def test_phone_width_has_no_sideways_scroll(browser, url):
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    page.goto(url + "/?q=red+sneakers")
+    page.wait_for_selector(".card")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    shot(page, "page-phone")
+    page.close()

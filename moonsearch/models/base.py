@@ -143,6 +143,13 @@ class DualEncoder(Encoder):
 
     def _encode(self, texts: list[str | None], image_groups: list[list[Image.Image]], batch_size: int,
                 products: bool) -> np.ndarray:
+        from moonsearch.models.towers import shared_feature_maps
+
+        with shared_feature_maps():  # the detector and the image tower see the same pictures
+            return self._encode_all(texts, image_groups, batch_size, products)
+
+    def _encode_all(self, texts: list[str | None], image_groups: list[list[Image.Image]], batch_size: int,
+                products: bool) -> np.ndarray:
         import torch
 
         from moonsearch.models import visual as vis
@@ -168,6 +175,11 @@ class DualEncoder(Encoder):
         f = self.fusion
         texts = [product_text(p, f.with_category, f.with_attributes) or None for p in products]
         return self._encode(texts, [list(p.images) for p in products], batch_size, products=True)
+
+
+# The quick start's and `moonsearch index`'s encoder: the model that wins the held-out real-artwork
+# check (moonsearch bench real; benchmarks/README.md), as long as it indexes the demo in under 5 minutes.
+DEFAULT_ENCODER = "moon-mini"
 
 
 # --- registry --------------------------------------------------------------------------------------

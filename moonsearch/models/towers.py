@@ -7,6 +7,9 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 from typing import Sequence
 
@@ -17,6 +20,54 @@ from PIL import Image
 from moonsearch.models import efficientnet_lite as effnet
 
 GEM_P = 3.0  # generalised-mean pooling exponent of the visual block's features
+
+# One product's picture goes through EfficientNet-Lite0 up to three times per encoding (the box
+# detector, MOON's vision tokens, the visual block), on the same input at the same size. Inside
+# ``shared_feature_maps()`` each distinct (weights, input tensor) is computed once.
+_MEMO: ContextVar[dict | None] = ContextVar("moonsearch_feature_maps", default=None)
+
+
+@contextmanager
+def shared_feature_maps():
+    """Feature maps computed inside this block are reused for identical inputs to identical weights
+    (inference only; the memo lives as long as the outermost block)."""
+    token = _MEMO.set({}) if _MEMO.get() is None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _MEMO.reset(token)
+
+
+def _weights_key(model: torch.nn.Module, memo: dict) -> bytes:
+    """A digest of the module's weights, computed once per memo (weights cannot change inside one)."""
+    k = ("weights", id(model))
+    if k not in memo:
+        h = hashlib.sha1()
+        for name, t in model.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        memo[k] = (model, h.digest())  # the module is held so its id is not reused inside the memo
+    return memo[k][1]
+
+
+def feature_map(model, x: torch.Tensor) -> torch.Tensor:
+    """``model.feature_map(x)`` (n, C, h, w), shared through ``shared_feature_maps()`` when active."""
+    memo = _MEMO.get()
+    if memo is None or (torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())):
+        return model.feature_map(x)
+    wk = _weights_key(model, memo)
+    host = x.detach().float().cpu().contiguous()
+    keys = [(wk, tuple(row.shape), hashlib.sha1(row.numpy().tobytes()).digest()) for row in host]
+    todo = [i for i, k in enumerate(dict.fromkeys(keys)) if k not in memo]
+    uniq = list(dict.fromkeys(keys))
+    if todo:
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        rows = [first[uniq[i]] for i in todo]
+        out = model.feature_map(x[rows])
+        for i, fm in zip(todo, out):
+            memo[uniq[i]] = fm
+    return torch.stack([memo[k] for k in keys])
 
 
 def pil_to_tensor(images: Sequence[Image.Image], size: int, mean, std) -> torch.Tensor:
@@ -54,7 +105,7 @@ class ImageTower:
         avg, gem, logits = [], [], []
         for s in range(0, len(images), batch_size):
             x = pil_to_tensor(images[s:s + batch_size], self.size, effnet.MEAN, effnet.STD).to(self.device)
-            fm = self.model.feature_map(x)  # (b, 1280, h, w)
+            fm = feature_map(self.model, x)  # (b, 1280, h, w)
             f = fm.mean(dim=(2, 3))
             avg.append(f.float().cpu())
             gem.append(fm.float().clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1 / GEM_P).cpu())

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from moonsearch.models import efficientnet_lite as eff
-from moonsearch.models.towers import pil_to_tensor
+from moonsearch.models.towers import feature_map, pil_to_tensor
 from moonsearch.vision.croppers import SaliencyCropper
 
 HEAD_FILE = Path(__file__).parent / "assets" / "detector_head.safetensors"
@@ -81,7 +81,7 @@ class DetectorCropper:
         for s in range(0, len(images), batch_size):
             part = images[s:s + batch_size]
             x = pil_to_tensor([im.resize((SIZE, SIZE)) for im in part], SIZE, eff.MEAN, eff.STD)
-            pred = to_xyxy(self.head(self.backbone.feature_map(x))).clamp(0, 1).tolist()
+            pred = to_xyxy(self.head(feature_map(self.backbone, x))).clamp(0, 1).tolist()
             for im, b in zip(part, pred):
                 w, h = im.size
                 box = (int(b[0] * w), int(b[1] * h), int(np.ceil(b[2] * w)), int(np.ceil(b[3] * h)))

@@ -145,10 +145,10 @@ class ComposedAdapter(BackboneAdapter):
 
     def _pooled(self, images) -> torch.Tensor:
         from moonsearch.models import efficientnet_lite as eff
-        from moonsearch.models.towers import pil_to_tensor
+        from moonsearch.models.towers import feature_map, pil_to_tensor
 
         x = pil_to_tensor(images, self.image_size, eff.MEAN, eff.STD).to(self.projector[0].weight.device)
-        fmap = self.vision.feature_map(x)  # (n, 1280, h, w)
+        fmap = feature_map(self.vision, x)  # (n, 1280, h, w); shared with the visual block and detector
         return nn.functional.adaptive_avg_pool2d(fmap, self.grid).flatten(2).transpose(1, 2)  # (n, g*g, 1280)
 
     def visual_tokens(self, images) -> torch.Tensor:

@@ -252,7 +252,12 @@ class MoonEncoder(Encoder):
         return vis.compose(sem, vis.group_mean(feats, sizes), self.visual.weights(vis.input_kinds(texts, sizes, products)))
 
     def encode_products(self, products: Sequence[Product], batch_size: int = 8) -> np.ndarray:
-        products = list(products)
+        from moonsearch.models.towers import shared_feature_maps
+
+        with shared_feature_maps():  # detector, vision tokens and visual block share each picture's pass
+            return self._encode_products(list(products), batch_size)
+
+    def _encode_products(self, products: list[Product], batch_size: int) -> np.ndarray:
         sem = self._run(self.product_batch(products[s:s + batch_size]) for s in range(0, len(products), batch_size))
         return self._with_visual(sem, [p.title for p in products],
                                  [list(p.images[:self.cfg.max_images]) for p in products], products=True)
@@ -269,7 +274,12 @@ class MoonEncoder(Encoder):
         return [query_segments(q.text, q.image, c) for q, c in zip(queries, crops)]
 
     def encode_queries(self, queries: Sequence[Query], batch_size: int = 16) -> np.ndarray:
-        queries = list(queries)
+        from moonsearch.models.towers import shared_feature_maps
+
+        with shared_feature_maps():
+            return self._encode_queries(list(queries), batch_size)
+
+    def _encode_queries(self, queries: list[Query], batch_size: int) -> np.ndarray:
         sem = self._run(self.query_batch(queries[s:s + batch_size]) for s in range(0, len(queries), batch_size))
         return self._with_visual(sem, [q.text for q in queries],
                                  [[q.image] if q.image is not None else [] for q in queries], products=False)

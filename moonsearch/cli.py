@@ -135,7 +135,8 @@ def validate(
 def index(
     catalog: Annotated[Path, typer.Argument(help="catalog parquet file")],
     out: Annotated[Path, typer.Option(help="index folder")] = Path("index"),
-    model: Annotated[str, typer.Option(help="encoder name (see 'moonsearch models')")] = "clip-mini",
+    model: Annotated[Optional[str], typer.Option(help="encoder name (see 'moonsearch models'; default: "
+                                                 "moon-mini, or the index's own with --append)")] = None,
     level: Annotated[Optional[int], typer.Option(help="category depth for the per-category split (default: leaf)")] = None,
     append: Annotated[bool, typer.Option(help="add the catalog's new items to an existing index")] = False,
     nprobe: Annotated[Optional[int], typer.Option(help="IVF lists visited per query (default 32; "
@@ -421,7 +422,7 @@ def fit_detector(
 def demo(
     out: Annotated[Path, typer.Option(help="work folder")] = Path("demo"),
     n: Annotated[int, typer.Option(help="products in the demo world")] = 2000,
-    model: Annotated[str, typer.Option(help="encoder")] = "clip-mini",
+    model: Annotated[str, typer.Option(help="encoder")] = "moon-mini",
 ):
     """The quick start's main job: demo world -> index -> a text, an image and a product query."""
     import pyarrow.parquet as pq

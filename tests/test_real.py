@@ -54,7 +54,8 @@ def test_photos_never_make_a_product_harder_to_find_by_text(name, request, eval_
     enc = request.getfixturevalue(name)
     res, change = _text_rank_change(enc, eval_set)
     for variant in ("clean+listing", "listing"):
-        assert change[variant]["worse"] <= 1, (variant, change)
+        # moon-mini's block pooling makes this exact; clip-mini's text and image parts are summed
+        assert change[variant]["worse"] <= (0 if name == "moon_mini" else 1), (variant, change)
         assert res["rows"][variant]["text"]["R@1"] >= res["rows"]["no photos"]["text"]["R@1"] - 1 / 60
     # and the photos do their job: another artist's drawing finds the product more often with them
     assert res["rows"]["clean+listing"]["image"]["R@10"] > res["rows"]["no photos"]["image"]["R@10"]

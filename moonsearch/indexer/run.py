@@ -28,7 +28,7 @@ from moonsearch.index.category import CategoryIndex
 from moonsearch.index.faiss_backend import IndexParams
 from moonsearch.index.index_set import IndexSet, category_key, new_manifest, slugify
 from moonsearch.indexer.cache import EmbeddingCache
-from moonsearch.models.base import Encoder, Product, create_encoder
+from moonsearch.models.base import DEFAULT_ENCODER, Encoder, Product, create_encoder
 from moonsearch.utils.io import append_jsonl
 from moonsearch.errors import UserError
 
@@ -37,7 +37,7 @@ from moonsearch.errors import UserError
 class IndexJob:
     catalog: Path
     out: Path
-    model: str = "clip-mini"
+    model: str | None = None  # None: the index's own encoder (--append), else DEFAULT_ENCODER
     level: int | None = None  # category depth to index at (None = leaf)
     params: IndexParams | None = None  # None: the defaults (a new index) or the manifest's (append)
     append: bool = False
@@ -159,9 +159,10 @@ def run_index(job: IndexJob, encoder: Encoder | None = None,
     report = IndexReport()
     out, catalog = Path(job.out), Path(job.catalog)
     base = catalog.parent
-    encoder = encoder or create_encoder(job.model, job.device)
-    info = encoder.describe()
     existing = IndexSet.load(out) if job.append else None
+    name = job.model or (existing.encoder["name"] if existing else DEFAULT_ENCODER)
+    encoder = encoder or create_encoder(name, job.device)
+    info = encoder.describe()
     level, params = job.level, job.params or IndexParams()
     seen: set[str] = set()
     if existing:

@@ -203,6 +203,10 @@ def create_app(opts: ServeOptions, engine: Optional[Engine] = None) -> FastAPI:
     engine = engine or Engine(opts)
     if not engine.ready:
         engine.warm()
+    import gc
+
+    gc.collect()
+    gc.freeze()  # the model and the index are long-lived: keep them out of every later GC pass (no stalls)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -64,11 +64,12 @@ class ServeOptions:
 
 
 class MicroBatcher:
-    """Coalesces concurrent ``encode`` calls into batched encoder calls on one thread."""
+    """Coalesces concurrent ``submit(item)`` calls into batched ``run(items) -> results`` calls on one
+    thread (the encoder; the index searches)."""
 
-    def __init__(self, encode, max_wait_ms: float, max_batch: int, metrics: Metrics):
-        self.encode, self.max_wait, self.max_batch, self.metrics = encode, max_wait_ms / 1000, max_batch, metrics
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="encoder")
+    def __init__(self, run, max_wait_ms: float, max_batch: int, on_batch=None, name: str = "batcher"):
+        self.encode, self.max_wait, self.max_batch, self.on_batch = run, max_wait_ms / 1000, max_batch, on_batch
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=name)
         self.queue: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None
 
@@ -85,7 +86,7 @@ class MicroBatcher:
                 pass
         self.pool.shutdown(wait=False)
 
-    async def submit(self, query: Query) -> np.ndarray:
+    async def submit(self, query):
         fut = asyncio.get_running_loop().create_future()
         await self.queue.put((query, fut))
         return await fut
@@ -111,7 +112,8 @@ class MicroBatcher:
             batch = [(q, f) for q, f in batch if not f.cancelled()]  # clients that went away
             if not batch:
                 continue
-            self.metrics.batch_size(len(batch))
+            if self.on_batch is not None:
+                self.on_batch(len(batch))
             try:
                 vecs = await loop.run_in_executor(self.pool, self.encode, [q for q, _ in batch])
             except Exception as e:  # one bad query must not fail the others: retry one by one
@@ -154,23 +156,32 @@ class Engine:
         self.encoder = self.svc.encoder  # loaded now, not on the first request
         self.metrics.items = self.svc.index.count
         self._stamp = self._manifest_stamp()
-        self.batcher = MicroBatcher(self.encoder.encode_queries, opts.max_wait_ms, opts.max_batch, self.metrics)
-        self.search_pool = ThreadPoolExecutor(2, thread_name_prefix="search")
+        self.batcher = MicroBatcher(self.encoder.encode_queries, opts.max_wait_ms, opts.max_batch,
+                                    self.metrics.batch_size, "encoder")
+        # searches batch too: FAISS answers many queries in one call for little more than one
+        self.searcher = MicroBatcher(self._search_batch, 0.0, 256, None, "search")
+        self.search_pool = ThreadPoolExecutor(2, thread_name_prefix="search-misc")
         self._reload_lock = threading.Lock()
         self._poller: asyncio.Task | None = None
         self.ready = False
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def warm(self) -> None:
-        """One text, one photo and one text+photo query through the encoder and the index, so the first
-        user request pays no lazy loading."""
+        """Text, photo and text+photo queries through the encoder and the index at the batch sizes
+        micro-batching will use, so the first users pay no lazy loading or first-shape kernel setup."""
         img = Image.new("RGB", (64, 64), (200, 60, 60))
-        xq = self.encoder.encode_queries([Query(text="warm up"), Query(image=img), Query(text="warm", image=img)])
-        self.svc.search_vectors(xq, k=1)
+        words = ["red", "leather sneakers", "a blue ceramic teapot with a lid", "wireless headphones size L"]
+        sizes = sorted({1, 4, 16, self.opts.max_batch})
+        for n in sizes:
+            xq = self.encoder.encode_queries([Query(text=words[i % len(words)]) for i in range(n)])
+            self.svc.search_vectors(xq, k=10)
+        for n in sorted({1, min(4, self.opts.max_batch)}):
+            self.encoder.encode_queries([Query(image=img)] * n + [Query(text="warm", image=img)])
         self.ready = True
 
     async def start(self) -> None:
         self.batcher.start()
+        self.searcher.start()
         if self.opts.reload_interval > 0:
             self._poller = asyncio.get_running_loop().create_task(self._poll())
 
@@ -178,6 +189,7 @@ class Engine:
         if self._poller is not None:
             self._poller.cancel()
         await self.batcher.stop()
+        await self.searcher.stop()
         self.search_pool.shutdown(wait=False)
 
     # ---- hot reload --------------------------------------------------------------------------
@@ -243,6 +255,31 @@ class Engine:
             raise UserError("q: the weighted parts cancel out")
         return (v / n).astype(np.float32)
 
+    @staticmethod
+    def _search_batch(items: list[tuple]) -> list[list[Hit]]:
+        """items: (svc, vector, k, categories, route, exclude, where). Those that share the service, k,
+        categories and route and have no exclusion or predicate go through FAISS as one batch."""
+        out: list = [None] * len(items)
+        groups: dict = {}
+        for i, (svc, vec, k, cats, route, exclude, where) in enumerate(items):
+            if exclude or where is not None:
+                try:
+                    out[i] = svc.search_vectors(vec[None], k, categories=cats, route=route, exclude=exclude,
+                                                where=where)[0]
+                except Exception as e:
+                    out[i] = e
+                continue
+            groups.setdefault((id(svc), k, tuple(cats) if cats else None, route), []).append(i)
+        for (_, k, cats, route), idx in groups.items():
+            svc = items[idx[0]][0]
+            try:
+                res = svc.search_vectors(np.stack([items[i][1] for i in idx]), k, categories=cats, route=route)
+            except Exception as e:  # e.g. an unknown category: every query of the group gets the error
+                res = [e] * len(idx)
+            for i, r in zip(idx, res):
+                out[i] = r
+        return out
+
     async def search(self, svc: SearchService, vector: np.ndarray, limit: int, offset: int,
                      categories: Sequence[str] | None = None, attributes: dict | None = None,
                      exclude: set[str] | None = None, facets: bool = False, route: int | None = None
@@ -250,13 +287,11 @@ class Engine:
         """Hits offset..offset+limit (and category facets over the top max(offset+limit, 200))."""
         need = offset + limit
         fetch = max(need, 200) if facets else need
-        where = attribute_filter(attributes)
-
-        def run():
-            return svc.search_vectors(vector[None], fetch, categories=categories, route=route, exclude=exclude,
-                                      where=where)[0]
-
-        hits = await asyncio.get_running_loop().run_in_executor(self.search_pool, run)
+        hits = await self.searcher.submit((svc, np.asarray(vector, np.float32), fetch,
+                                           list(categories) if categories else None, route, exclude,
+                                           attribute_filter(attributes)))
+        if isinstance(hits, Exception):
+            raise hits
         counts = None
         if facets:
             counts = {}

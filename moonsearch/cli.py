@@ -183,6 +183,10 @@ def query(
     as_json: Annotated[bool, typer.Option("--json", help="print hits as JSON")] = False,
     model: Annotated[Optional[str], typer.Option(help="encoder (default: the index's)")] = None,
     picture: Annotated[Optional[Path], typer.Option(help="also save the hits with their photos as a PNG")] = None,
+    mode: Annotated[str, typer.Option(help="vector (embeddings), lexical (BM25 over id, title, category, "
+                                      "attributes) or hybrid (both, fused)")] = "hybrid",
+    understand: Annotated[bool, typer.Option(help="read catalog values (colour, brand, category ...) in the "
+                                             "text as filters or boosts")] = True,
 ):
     """Search by text, by photo (optionally with text), or by product id."""
     from moonsearch.search.service import SearchService
@@ -197,9 +201,14 @@ def query(
     if include_group and product is None:
         raise UserError("--include-group applies to --product searches only")
     at_least("-k", k), at_least("--route", route, 0)
+    from moonsearch.search.service import MODES
+
+    if mode not in MODES:
+        raise UserError(f"--mode {mode}: expected one of {', '.join(MODES)}")
     svc = SearchService(index_dir or default_index(), encoder=model)
     kw = dict(k=k, categories=category, route=route)
     query_img = None
+    understood = {}
     if product is not None:
         hits = svc.search_product(product, exclude_group=not include_group, **kw)
         label = f"products like {product}"
@@ -207,18 +216,25 @@ def query(
         from moonsearch.data.images import load_image
 
         query_img = load_image(str(image.resolve()))
-        hits = svc.search_image(query_img, text=text, **kw)
+        res = svc.search(text, query_img, mode=mode, understand=understand, **kw)
+        hits, understood = res.hits, res.understood
         label = f"photo {image}" + (f" + '{text}'" if text else "")
     else:
-        hits = svc.search_text(text, **kw)
-        label = f"'{text}'"
+        res = svc.search(text, mode=mode, understand=understand, **kw)
+        hits, understood = res.hits, res.understood
+        label = f"'{text}' ({res.mode})"
     if picture:
         from moonsearch.search.picture import hits_picture
 
         hits_picture(hits, label, picture, query_img)
     if as_json:
-        print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=1))
+        print(json.dumps({"understood": understood, "hits": [h.to_dict() for h in hits]}, ensure_ascii=False,
+                         indent=1))
         return
+    if understood:
+        from moonsearch.search.understand import describe
+
+        console.print(f"understood: {describe(understood)}", markup=False)
     print_hits(hits, label)
     if picture:
         console.print(f"picture: {picture}")

@@ -24,7 +24,7 @@ def test_help_lists_commands():
 
 def test_three_query_kinds_through_the_cli(tiny_index, world):
     cat = pq.read_table(world / "catalog.parquet").to_pylist()
-    hits = json.loads(_ok(["query", "blue backpack", "--index", str(tiny_index), "-k", "7", "--json"]))
+    hits = json.loads(_ok(["query", "blue backpack", "--index", str(tiny_index), "-k", "7", "--json"]))["hits"]
     assert len(hits) == 7 and {"item_id", "score", "title", "category", "attributes"} <= set(hits[0])
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
 
@@ -35,10 +35,13 @@ def test_three_query_kinds_through_the_cli(tiny_index, world):
     svc = SearchService(tiny_index)
     img = world / cat[3]["images"][0]
     photo = load_image(str(img))
-    hits = json.loads(_ok(["query", "--image", str(img), "--index", str(tiny_index), "--json", "-k", "3"]))
+    hits = json.loads(_ok(["query", "--image", str(img), "--index", str(tiny_index), "--json", "-k", "3"]))["hits"]
     assert [h["item_id"] for h in hits] == [h.item_id for h in svc.search_image(photo, k=3)]
-    both = json.loads(_ok(["query", "red", "--image", str(img), "--index", str(tiny_index), "--json", "-k", "3"]))
+    both = json.loads(_ok(["query", "red", "--image", str(img), "--index", str(tiny_index), "--json", "-k", "3",
+                           "--mode", "vector", "--no-understand"]))["hits"]
     assert [h["item_id"] for h in both] == [h.item_id for h in svc.search_image(photo, text="red", k=3)]
+    hybrid = json.loads(_ok(["query", "red", "--image", str(img), "--index", str(tiny_index), "--json", "-k", "3"]))
+    assert [h["item_id"] for h in hybrid["hits"]] == [h.item_id for h in svc.search("red", photo, k=3).hits]
     assert [h["score"] for h in both] != [h["score"] for h in hits]  # the words change the query vector
 
     groups = {}
@@ -46,14 +49,14 @@ def test_three_query_kinds_through_the_cli(tiny_index, world):
         groups.setdefault(r["group_id"], []).append(r["item_id"])
     item = next(ids[0] for ids in groups.values() if len(ids) > 1)
     siblings = set(next(ids for ids in groups.values() if item in ids))
-    hits = json.loads(_ok(["query", "--product", item, "--index", str(tiny_index), "--json", "-k", "10"]))
+    hits = json.loads(_ok(["query", "--product", item, "--index", str(tiny_index), "--json", "-k", "10"]))["hits"]
     assert len(hits) == 10 and siblings.isdisjoint(h["item_id"] for h in hits)
     # with k past the catalog's size every item comes back: the variants only with --include-group
     everything = json.loads(_ok(["query", "--product", item, "--index", str(tiny_index), "--json", "-k", "500",
-                                 "--include-group"]))
+                                 "--include-group"]))["hits"]
     ids = {h["item_id"] for h in everything}
     assert item not in ids and siblings - {item} <= ids and len(ids) == len(cat) - 1
-    without = json.loads(_ok(["query", "--product", item, "--index", str(tiny_index), "--json", "-k", "500"]))
+    without = json.loads(_ok(["query", "--product", item, "--index", str(tiny_index), "--json", "-k", "500"]))["hits"]
     assert {h["item_id"] for h in without} == ids - siblings
 
     table = _ok(["query", "mug", "--index", str(tiny_index), "-k", "3"])
@@ -69,9 +72,9 @@ def test_three_query_kinds_through_the_cli(tiny_index, world):
 
 def test_category_filter_and_routing(tiny_index, world):
     hits = json.loads(_ok(["query", "shoes", "--index", str(tiny_index), "--json", "-k", "20",
-                           "--category", "home > kitchen", "--category", "electronics"]))
+                           "--category", "home > kitchen", "--category", "electronics"]))["hits"]
     assert hits and all(h["category"][0] == "electronics" or h["category"][:2] == ["home", "kitchen"] for h in hits)
-    routed = json.loads(_ok(["query", "shoes", "--index", str(tiny_index), "--json", "-k", "5", "--route", "2"]))
+    routed = json.loads(_ok(["query", "shoes", "--index", str(tiny_index), "--json", "-k", "5", "--route", "2"]))["hits"]
     assert len({tuple(h["category"]) for h in routed}) <= 2
 
 
@@ -175,7 +178,7 @@ def test_index_command_and_delete(world, tmp_path):
                                                                            ("home",), ("electronics",)}
     text = _ok(["delete", "P0000001", "P0000002", "--index", str(out)])
     assert "removed 2 of 2" in text and "118 items left" in text
-    hits = json.loads(_ok(["query", "anything", "--index", str(out), "--json", "-k", "200"]))
+    hits = json.loads(_ok(["query", "anything", "--index", str(out), "--json", "-k", "200"]))["hits"]
     assert {"P0000001", "P0000002"}.isdisjoint(h["item_id"] for h in hits) and len(hits) == 118
 
 
@@ -204,8 +207,8 @@ def test_the_default_index_is_the_last_built_from_this_folder(world, tmp_path, m
     a.mkdir(), b.mkdir()
     monkeypatch.chdir(a)
     _ok(["index", str(world / "catalog.parquet"), "--out", str(a / "shop-index"), "--model", "clip-tiny"])
-    assert json.loads(_ok(["query", "mug", "--json", "-k", "2"]))
+    assert json.loads(_ok(["query", "mug", "--json", "-k", "2"]))["hits"]
     monkeypatch.chdir(b)  # another checkout: its own record (none yet), not a's
     _bad(["query", "mug", "-k", "2"], "not a moonsearch index")
     monkeypatch.setenv("MOONSEARCH_INDEX", str(a / "shop-index"))
-    assert len(json.loads(_ok(["query", "mug", "--json", "-k", "2"]))) == 2
+    assert len(json.loads(_ok(["query", "mug", "--json", "-k", "2"]))["hits"]) == 2

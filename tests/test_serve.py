@@ -63,10 +63,18 @@ def test_health(server, svc):
 
 
 def test_text_search_matches_the_library_and_pages(server, svc):
-    want = [h.item_id for h in svc.search_text("red leather sneakers", k=8)]
+    res = svc.search("red leather sneakers", k=8)  # the default: hybrid, with query understanding
+    want = [h.item_id for h in res.hits]
     r = server.post("/search", json={"q": "red leather sneakers", "limit": 8})
     assert ids(r) == want
     body = r.json()
+    assert body["mode"] == "hybrid" and body["understood"] == res.understood and body["understood"]
+    for mode in ("vector", "lexical"):
+        r2 = server.post("/search", json={"q": "red leather sneakers", "limit": 8, "mode": mode})
+        assert ids(r2) == [h.item_id for h in svc.search("red leather sneakers", k=8, mode=mode).hits]
+    plain = server.post("/search", json={"q": "red leather sneakers", "limit": 8, "mode": "vector", "understand": False})
+    assert ids(plain) == [h.item_id for h in svc.search_text("red leather sneakers", k=8)]
+    assert plain.json()["understood"] == {}
     assert body["limit"] == 8 and body["offset"] == 0 and body["processing_time_ms"] >= 0
     hit = body["hits"][0]
     assert set(hit) == {"item_id", "score", "title", "category", "attributes", "group_id", "image_urls", "extra"}
@@ -98,7 +106,8 @@ def test_photo_queries_json_and_multipart_match_the_library(server, svc):
     assert ids(server.post("/search/image", files={"file": ("p.png", raw, "image/png")}, data={"limit": "6"})) == want
     both = [h.item_id for h in svc.search_image(img, text="red", k=6)]
     assert ids(server.post("/search/image", files={"file": ("p.png", raw)}, data={"q": "red", "limit": "6"})) == both
-    assert ids(server.post("/search", json={"q": "red", "image": base64.b64encode(raw).decode(), "limit": 6})) == both
+    hybrid = [h.item_id for h in svc.search("red", img, k=6).hits]
+    assert ids(server.post("/search", json={"q": "red", "image": base64.b64encode(raw).decode(), "limit": 6})) == hybrid
 
 
 def test_filters(server, svc):
@@ -241,7 +250,8 @@ def test_concurrent_queries_are_micro_batched(tiny_index, clip_tiny, svc):
     texts = [f"query number {i} red bag" for i in range(24)]
     with running(app) as url, httpx.Client(base_url=url, timeout=60) as c:
         with ThreadPoolExecutor(12) as pool:
-            got = list(pool.map(lambda t: ids(c.post("/search", json={"q": t, "limit": 5})), texts))
+            got = list(pool.map(lambda t: ids(c.post("/search", json={"q": t, "limit": 5, "mode": "vector",
+                                                                      "understand": False})), texts))
     batches = app.engine.metrics.batch
     assert batches.count < len(texts), "every query was encoded alone"
     assert batches.sum == len(texts)

@@ -4,6 +4,7 @@
     vectors.npy        (n, d) float16 embeddings, row i <-> meta row i (rebuilds and exact re-rank)
     meta.parquet       seq, item_id, title, category, attributes (JSON), group_id, images, extra (JSON)
     index_infos.json   factory string, params, metric, count, dim, encoder name and fingerprint
+    lexical.npz        BM25 term frequencies of title, category path and attribute values (index/lexical.py)
 
 A folder is written under a temporary name and swapped in whole, so a crash never leaves a
 half-written index that loads.
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moonsearch.index import faiss_backend as fb
+from moonsearch.index import lexical as lexmod
 from moonsearch.utils.io import atomic_write_json, load_npy, swap_in_dir
 from moonsearch.errors import UserError
 
@@ -38,8 +40,10 @@ class IndexMismatch(UserError):
 
 
 class CategoryIndex:
-    def __init__(self, path: Path, infos: dict, index: faiss.Index, vectors: np.ndarray, meta: pa.Table):
+    def __init__(self, path: Path, infos: dict, index: faiss.Index, vectors: np.ndarray, meta: pa.Table,
+                 lexical=None):
         self.path, self.infos, self.index, self.vectors, self.meta = path, infos, index, vectors, meta
+        self._lexical = lexical
         self.seq = meta.column("seq").to_numpy()
         self.params = fb.IndexParams(**infos["params"])
         self._active = self.params  # the knobs the faiss index is configured with now
@@ -86,7 +90,19 @@ class CategoryIndex:
                                 f"({meta.num_rows}) and index_infos.json ({infos['count']}) disagree")
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise IndexMismatch(f"{path}: index metric is not inner product")
-        return cls(path, infos, index, vectors, meta)
+        lexical = None
+        if (path / lexmod.FILE).exists():
+            lexical = lexmod.CategoryTerms.load(path / lexmod.FILE)
+            if lexical.n != meta.num_rows:
+                raise IndexMismatch(f"{path}: {lexmod.FILE} has {lexical.n} rows, the metadata {meta.num_rows}")
+        return cls(path, infos, index, vectors, meta, lexical)
+
+    @property
+    def lexical(self):
+        """The category's BM25 term statistics (built from the metadata for folders older than lexical.npz)."""
+        if self._lexical is None:
+            self._lexical = lexmod.CategoryTerms.build(lexmod.meta_texts(self.meta))
+        return self._lexical
 
     # ---- changing ----------------------------------------------------------------------------
     def append(self, vectors: np.ndarray, meta: pa.Table) -> "CategoryIndex":
@@ -132,6 +148,7 @@ class CategoryIndex:
         with open(tmp / "vectors.npy", "wb") as f:
             np.save(f, np.ascontiguousarray(vec16, np.float16), allow_pickle=False)
         pq.write_table(meta.cast(META_SCHEMA), tmp / "meta.parquet")
+        lexmod.CategoryTerms.build(lexmod.meta_texts(meta)).save(tmp / lexmod.FILE)
         atomic_write_json(infos, tmp / "index_infos.json")
         os.chmod(tmp, 0o755)
         self.vectors = None  # release the memory map before the folder is swapped

@@ -42,6 +42,41 @@ class Hit:
         return asdict(self)
 
 
+MODES = ("vector", "lexical", "hybrid")
+DEFAULT_MODE = "hybrid"  # measured best on the demo world (benchmarks/README.md, hybrid search)
+RRF_K = 60  # reciprocal rank fusion constant
+CANDIDATES = 100  # candidates taken from each side before fusion
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    understood: dict = field(default_factory=dict)
+    mode: str = "vector"
+
+
+def rrf(rankings: Sequence[Sequence[str]], k: int = RRF_K) -> dict[str, float]:
+    """Reciprocal rank fusion: item -> sum over rankings of 1 / (k + rank), rank from 1."""
+    out: dict[str, float] = {}
+    for ranking in rankings:
+        for r, item in enumerate(ranking, 1):
+            out[item] = out.get(item, 0.0) + 1.0 / (k + r)
+    return out
+
+
+def convex(vector: Sequence[tuple[str, float]], lexical: Sequence[tuple[str, float]], alpha: float) -> dict[str, float]:
+    """alpha * min-max-normalised vector score + (1 - alpha) * min-max-normalised BM25 (0 where absent)."""
+    def norm(pairs):
+        if not pairs:
+            return {}
+        v = np.array([s for _, s in pairs], np.float64)
+        lo, hi = v.min(), v.max()
+        return {i: (s - lo) / (hi - lo) if hi > lo else 1.0 for (i, _), s in zip(pairs, v)}
+
+    a, b = norm(vector), norm(lexical)
+    return {i: alpha * a.get(i, 0.0) + (1 - alpha) * b.get(i, 0.0) for i in dict.fromkeys([*a, *b])}
+
+
 def check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise UserError(f"k={k}: expected the number of hits (1 or more)")
@@ -59,6 +94,28 @@ class SearchService:
         self.centroids = np.stack([self.index.categories[s].centroid for s in self.slugs])  # (C, d)
         self._item_loc: dict[str, tuple[str, int]] | None = None
         self._groups: dict[str, list[str]] = {}
+        self._lexical = None
+        self._gazetteer = None
+        self._columns: dict[str, list[list]] = {}
+        self.fusion = "rrf"  # or "convex" with self.alpha
+        self.alpha = 0.5
+
+    @property
+    def lexical(self):
+        """BM25 over every category (collection statistics shared), built on first use."""
+        if self._lexical is None:
+            from moonsearch.index.lexical import LexicalSet
+
+            self._lexical = LexicalSet({s: c.lexical for s, c in self.index.categories.items()})
+        return self._lexical
+
+    @property
+    def gazetteer(self):
+        if self._gazetteer is None:
+            from moonsearch.search.understand import Gazetteer
+
+            self._gazetteer = Gazetteer.from_index(self.index)
+        return self._gazetteer
 
     @property
     def encoder(self) -> Encoder:
@@ -69,8 +126,115 @@ class SearchService:
         return self._encoder
 
     # ---- queries -----------------------------------------------------------------------------
-    def search_text(self, text: str, k: int = 10, **kw) -> list[Hit]:
-        return self.search_queries([Query(text=text)], k, **kw)[0]
+    def search_text(self, text: str, k: int = 10, mode: str = "vector", understand: bool = False, **kw) -> list[Hit]:
+        """Text -> products. ``mode``/``understand``: see ``search`` (the defaults keep the plain vector search)."""
+        if mode == "vector" and not understand:
+            return self.search_queries([Query(text=text)], k, **kw)[0]
+        return self.search(text, k=k, mode=mode, understand=understand, **kw).hits
+
+    def search(self, text: str | None = None, image: Image.Image | None = None, k: int = 10,
+               mode: str | None = None, understand: bool = True, vector: np.ndarray | None = None,
+               categories: Sequence[str] | None = None, route: int | None = None,
+               where: Callable[[Hit], bool] | None = None, exclude: set[str] | None = None) -> SearchResult:
+        """Hybrid search. ``mode``: vector (embeddings), lexical (BM25 over title, category path and
+        attribute values), hybrid (both, fused by reciprocal rank, or by ``self.fusion = "convex"`` with
+        ``self.alpha``). ``understand``: catalog values found in the text (see search/understand.py)
+        become filters (hits carrying them first) or boosts; product codes make the lexical side lead.
+        A photo (``image``) always goes through the vector side; ``vector`` replaces the encoder call."""
+        check_k(k)
+        mode = mode or DEFAULT_MODE
+        if mode not in MODES:
+            raise UserError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+        text = (text or "").strip() or None
+        if text is None and image is None and vector is None:
+            raise UserError("empty query: give text or a photo")
+        from moonsearch.index.lexical import analyse
+
+        und = self.gazetteer.parse(text) if (understand and text) else None
+        lexical_ok = text is not None and bool(analyse(text))
+        if mode == "lexical" and not lexical_ok:
+            if image is None and vector is None:
+                return SearchResult([], und.to_dict() if und else {}, mode)
+            mode = "vector"  # a photo alone has no words
+        n = max(k, CANDIDATES)
+        filt = None
+        if und and und.filters:
+            filt = lambda h: und.matches(h.category, h.attributes)[0] == len(und.filters)  # noqa: E731
+
+        def both(pred):
+            if where is None:
+                return pred
+            if pred is None:
+                return where
+            return lambda h: where(h) and pred(h)
+
+        vec_lists, lex_lists = [], []
+        if mode != "lexical" or image is not None:
+            if vector is None:
+                vector = self.encoder.encode_queries([Query(text=text, image=image)])[0]
+            xq = np.asarray(vector, np.float32)[None]
+            vec_lists.append(self.search_vectors(xq, n, categories, route, exclude, where=where)[0])
+            if filt is not None:  # the filtered ranking, widened until it has n hits or runs out
+                vec_lists.append(self.search_vectors(xq, n, categories, route, exclude, where=both(filt))[0])
+        if mode != "vector" and lexical_ok:
+            lex_lists.append(self._lexical_hits(text, n, categories, exclude, where))
+            if filt is not None:
+                lex_lists.append(self._lexical_hits(text, n, categories, exclude, both(filt)))
+        hits = self._fuse(vec_lists, lex_lists, mode, und)
+        return SearchResult(hits[:k], und.to_dict() if und else {}, mode)
+
+    def _lexical_hits(self, text, n, categories, exclude, where) -> list[Hit]:
+        slugs = self._select(categories)
+        total = sum(self.index.categories[s].index.ntotal for s in slugs)
+        kk = n + (len(exclude) if exclude else 0)
+        while True:
+            found = self.lexical.search(text, kk if where is None else min(total, kk * 4), slugs)
+            hits = [self._hit(slug, row, score) for score, slug, row in found]
+            hits = [h for h in hits if not (exclude and h.item_id in exclude) and (where is None or where(h))]
+            if len(hits) >= n or len(found) < kk or kk >= total or where is None:
+                return hits[:n]
+            kk = min(total, kk * 4)
+
+    def _fuse(self, vec_lists, lex_lists, mode, und) -> list[Hit]:
+        by_id: dict[str, Hit] = {}
+        for lst in [*vec_lists, *lex_lists]:
+            for h in lst:
+                by_id.setdefault(h.item_id, h)
+        vec = vec_lists[0] if vec_lists else []
+        lex = lex_lists[0] if lex_lists else []
+        if mode == "hybrid" and vec and lex:
+            if self.fusion == "convex":
+                score = convex([(h.item_id, h.score) for h in vec], [(h.item_id, h.score) for h in lex], self.alpha)
+            else:
+                score = rrf([[h.item_id for h in vec], [h.item_id for h in lex]])
+            if und and und.codes:  # a product code: the lexical ranking leads
+                lead = rrf([[h.item_id for h in lex]], k=0)
+                score = {i: s + lead.get(i, 0.0) for i, s in score.items()}
+        else:
+            base = vec or lex
+            score = {h.item_id: h.score for h in base}
+            for lst in (vec_lists[1:] or lex_lists[1:]):  # filtered hits beyond the first list's reach
+                for h in lst:
+                    score.setdefault(h.item_id, h.score)
+        # filtered lists only add candidates; their order comes from the fused score
+        for lst in [*vec_lists[1:], *lex_lists[1:]]:
+            for h in lst:
+                score.setdefault(h.item_id, min(score.values(), default=0.0) - 1e-6)
+        ranked = sorted(score, key=lambda i: -score[i])
+        if und and (und.filters or und.boosts):
+            def key(pair):
+                r, i = pair
+                h = by_id[i]
+                nf, nb = und.matches(h.category, h.attributes)
+                return (-nf, -nb, r)
+
+            ranked = [i for _, i in sorted(enumerate(ranked), key=key)]
+        out = []
+        for i in ranked:
+            h = by_id[i]
+            out.append(Hit(h.item_id, float(score[i]), h.title, h.category, h.attributes, h.group_id, h.images,
+                           h.extra))
+        return out
 
     def search_image(self, image: Image.Image, text: str | None = None, k: int = 10, **kw) -> list[Hit]:
         return self.search_queries([Query(text=text or None, image=image)], k, **kw)[0]
@@ -162,9 +326,13 @@ class SearchService:
         return chosen
 
     def _hit(self, slug: str, row: int, score: float) -> Hit:
-        m = self.index.categories[slug].meta.slice(row, 1).to_pylist()[0]
-        return Hit(m["item_id"], score, m["title"], m["category"], json.loads(m["attributes"] or "{}"),
-                   m["group_id"], m["images"] or [], json.loads(m["extra"] or "{}"))
+        cols = self._columns.get(slug)
+        if cols is None:  # the metadata as Python lists, once per category (hits are built by the hundred)
+            meta = self.index.categories[slug].meta
+            cols = self._columns[slug] = [meta.column(c).to_pylist() for c in
+                                          ("item_id", "title", "category", "attributes", "group_id", "images", "extra")]
+        iid, title, cat, attrs, group, images, extra = (c[row] for c in cols)
+        return Hit(iid, score, title, cat, json.loads(attrs or "{}"), group, images or [], json.loads(extra or "{}"))
 
     def _locate(self, item_id: str) -> tuple[str, int]:
         if self._item_loc is None:  # built once: item -> (category, row) and group -> items

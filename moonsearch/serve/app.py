@@ -14,7 +14,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -26,7 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from moonsearch.data.images import ImageError, decode, read_bytes, resolve_path
 from moonsearch.errors import UnknownItem, UserError
 from moonsearch.search.service import Hit
-from moonsearch.serve.engine import Engine, ServeOptions, attribute_filter
+from moonsearch.search.service import DEFAULT_MODE
+from moonsearch.serve.engine import Engine, ServeOptions, attribute_filter, category_counts
 
 log = logging.getLogger("moonsearch.serve")
 STATIC = Path(__file__).parent / "static"
@@ -63,6 +64,8 @@ class SearchBody(BaseModel):
     attributes_to_retrieve: Optional[list[StrictStr]] = None
     facets: bool = False
     route: Optional[StrictInt] = Field(None, ge=0)
+    mode: Optional[Literal["vector", "lexical", "hybrid"]] = None  # default: the CLI's (hybrid)
+    understand: bool = True
 
 
 class RecommendBody(BaseModel):
@@ -271,11 +274,30 @@ def create_app(opts: ServeOptions, engine: Optional[Engine] = None) -> FastAPI:
         image = None
         if body.image is not None:
             image = await asyncio.get_running_loop().run_in_executor(None, image_from_field, body.image, opts)
-        vec = await engine.query_vector(body.q, image, float(body.image_weight))
         flt = body.filter
+        mode = body.mode or DEFAULT_MODE
+        text = body.q.strip() if isinstance(body.q, str) else ""
+        if text and (mode != "vector" or body.understand):  # hybrid / lexical / understood: one request
+            if mode == "lexical" and image is not None:
+                mode = "hybrid"  # a photo has no words: its vector joins the text's BM25
+            vec = None if mode == "lexical" else await engine.query_vector(body.q, image, float(body.image_weight))
+            need = body.offset + body.limit
+            fetch = max(need, 200) if body.facets else need
+
+            def run():
+                return svc.search(text, k=fetch, mode=mode, understand=body.understand, vector=vec,
+                                  categories=categories_of(flt), route=body.route,
+                                  where=attribute_filter(flt.attributes if flt else None))
+
+            res = await asyncio.get_running_loop().run_in_executor(engine.search_pool, run)
+            facets = category_counts(res.hits) if body.facets else None
+            return respond(res.hits[body.offset:need], body.limit, body.offset, t0, body.attributes_to_retrieve,
+                           facets, {"understood": res.understood, "mode": res.mode})
+        vec = await engine.query_vector(body.q, image, float(body.image_weight))
         hits, facets = await engine.search(svc, vec, body.limit, body.offset, categories_of(flt),
                                            flt.attributes if flt else None, facets=body.facets, route=body.route)
-        return respond(hits, body.limit, body.offset, t0, body.attributes_to_retrieve, facets)
+        return respond(hits, body.limit, body.offset, t0, body.attributes_to_retrieve, facets,
+                       {"understood": {}, "mode": "vector"})
 
     @app.post("/search/image")
     async def search_image(file: Annotated[UploadFile, File(description="the photo")],

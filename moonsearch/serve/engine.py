@@ -147,6 +147,15 @@ def attribute_filter(wanted: dict[str, str | list[str]] | None):
     return keep
 
 
+def category_counts(hits: Sequence[Hit]) -> dict[str, int]:
+    """Facet counts: category path -> hits in it, most first."""
+    counts: dict[str, int] = {}
+    for h in hits:
+        key = " > ".join(h.category)
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 class Engine:
     def __init__(self, opts: ServeOptions, encoder: Encoder | None = None):
         self.opts = opts
@@ -292,11 +301,4 @@ class Engine:
                                            attribute_filter(attributes)))
         if isinstance(hits, Exception):
             raise hits
-        counts = None
-        if facets:
-            counts = {}
-            for h in hits:
-                key = " > ".join(h.category)
-                counts[key] = counts.get(key, 0) + 1
-            counts = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-        return hits[offset:need], counts
+        return hits[offset:need], category_counts(hits) if facets else None

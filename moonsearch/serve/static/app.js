@@ -92,7 +92,10 @@ async function runSearch(append = false) {
   if (shown === 0) {
     setStatus("No products match " + describe() + (state.categories.length ? " in the chosen categories" : "") + ".");
   } else {
-    setStatus(shown + " results for " + describe() + " (" + res.processing_time_ms + " ms)");
+    const u = res.understood || {};
+    const read = Object.entries(u).filter(([k]) => k !== "boost" && k !== "codes").map(([k, v]) => k + ": " + v);
+    setStatus(shown + " results for " + describe() + " (" + res.processing_time_ms + " ms)" +
+              (read.length ? " \u00b7 understood " + read.join(", ") : ""));
   }
   $("more").hidden = res.hits.length < PAGE;
 }

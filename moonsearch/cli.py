@@ -470,8 +470,13 @@ def bench_recall(
     route: Annotated[Optional[list[int]], typer.Option(help="category routing R (repeatable; 0 = none)")] = None,
     limit: Annotated[Optional[int], typer.Option(help="evaluate only the first N queries")] = None,
     name: Annotated[str, typer.Option(help="report file name stem")] = "recall",
+    mode: Annotated[Optional[list[str]], typer.Option(help="search mode (repeatable): vector, lexical, hybrid; "
+                                                      "'+u' adds query understanding, e.g. hybrid+u")] = None,
+    fusion: Annotated[str, typer.Option(help="hybrid fusion: rrf, or convex:ALPHA")] = "rrf",
+    titles: Annotated[int, typer.Option(help="catalog titles asked as exact-title queries")] = 300,
 ):
-    """Recall@1/5/10/50 and MRR@10 per query modality and top-level category (JSON + markdown + PNG)."""
+    """Recall@1/5/10/50 and MRR@10 per query modality, top-level category, attribute-bearing text and
+    exact titles, per search mode (JSON + markdown + PNG)."""
     from moonsearch.eval import recall_bench
     from moonsearch.search.service import SearchService
 
@@ -479,12 +484,31 @@ def bench_recall(
         at_least("--route", r, 0)
     at_least("--limit", limit)
 
+    from moonsearch.errors import UserError
+    from moonsearch.search.service import MODES
+
+    modes = []
+    for m in mode or ["vector"]:
+        base, _, u = m.partition("+")
+        if base not in MODES or u not in ("", "u"):
+            raise UserError(f"--mode {m}: expected vector, lexical or hybrid, optionally with '+u'")
+        modes.append((base, u == "u"))
     svc = SearchService(index_dir or data / "index")
+    if fusion != "rrf":
+        kind, _, a = fusion.partition(":")
+        try:
+            alpha = float(a)
+        except ValueError:
+            alpha = -1.0
+        if kind != "convex" or not 0 <= alpha <= 1:
+            raise UserError(f"--fusion {fusion}: expected rrf or convex:ALPHA with ALPHA in 0..1")
+        svc.fusion, svc.alpha = "convex", alpha
     results = []
     for r in route or [0]:
-        with _progress(f"queries (route {r or 'off'})") as prog:
-            results.append(recall_bench.run(svc, data, split, route=r or None, limit=limit,
-                                            progress=_with_progress(prog)))
+        for m, u in modes:
+            with _progress(f"queries ({m}{'+u' if u else ''}, route {r or 'off'})") as prog:
+                results.append(recall_bench.run(svc, data, split, route=r or None, limit=limit, mode=m,
+                                                understand=u, titles=titles, progress=_with_progress(prog)))
     paths = recall_bench.write(results, out, name)
     console.print(recall_bench.markdown(results), highlight=False, markup=False)
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}")

@@ -116,3 +116,29 @@ def test_moon_fingerprint_changes_with_anything_that_changes_the_vectors():
                    dict(visual_whitening=""), dict(visual_crops=False)):
         assert vector_fingerprint(dataclasses.replace(cfg, **change), b"weights") != base, change
     assert vector_fingerprint(cfg, b"other weights") != base
+
+
+def test_each_picture_goes_through_efficientnet_once_per_encoding(clip_mini, world, monkeypatch):
+    """The detector and the image tower see the same square pictures: inside one encode call each
+    (weights, input) pair is computed once, and the vectors do not change."""
+    from contextlib import nullcontext
+
+    import pyarrow.parquet as pq
+
+    from moonsearch.data.images import load_image
+    from moonsearch.models import towers
+    from moonsearch.models.base import Product
+
+    rows = pq.read_table(world / "catalog.parquet").slice(0, 6).to_pylist()
+    prods = [Product(r["title"], r["category"], {}, [load_image(i, world) for i in r["images"]]) for r in rows]
+    eff = towers._effnet()
+    calls = []
+    orig = eff.feature_map
+    monkeypatch.setattr(eff, "feature_map", lambda x: (calls.append(len(x)), orig(x))[1])
+    shared = clip_mini.encode_products(prods)
+    n_shared = sum(calls)
+    calls.clear()
+    monkeypatch.setattr(towers, "shared_feature_maps", lambda: nullcontext())
+    plain = clip_mini.encode_products(prods)
+    assert n_shared < sum(calls), (n_shared, sum(calls))
+    np.testing.assert_allclose(shared, plain, atol=1e-6)

@@ -34,6 +34,8 @@ _TOKEN = re.compile(r"[a-z0-9]+")
 
 def fold(text: str) -> str:
     """Accent- and case-folded text: 'Crème Brûlée' -> 'creme brulee'."""
+    if text.isascii():
+        return text.lower()
     return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c)).lower()
 
 

@@ -140,7 +140,9 @@ class SearchService:
         attribute values), hybrid (both, fused by reciprocal rank, or by ``self.fusion = "convex"`` with
         ``self.alpha``). ``understand``: catalog values found in the text (see search/understand.py)
         become filters (hits carrying them first) or boosts; product codes make the lexical side lead.
-        A photo (``image``) always goes through the vector side; ``vector`` replaces the encoder call."""
+        A photo (``image``) always goes through the vector side, and in hybrid mode the words that come
+        with a photo are not searched lexically (unless they hold a product code); ``vector`` replaces the
+        encoder call (give ``image`` too when the vector came from a photo)."""
         check_k(k)
         mode = mode or DEFAULT_MODE
         if mode not in MODES:
@@ -150,6 +152,8 @@ class SearchService:
             raise UserError("empty query: give text or a photo")
         from moonsearch.index.lexical import analyse
 
+        if mode == "lexical" and image is not None:
+            mode = "hybrid"  # a photo has no words: its vector joins
         und = self.gazetteer.parse(text) if (understand and text) else None
         lexical_ok = text is not None and bool(analyse(text))
         if mode == "lexical" and not lexical_ok:
@@ -157,9 +161,11 @@ class SearchService:
                 return SearchResult([], und.to_dict() if und else {}, mode)
             mode = "vector"  # a photo alone has no words
         n = max(k, CANDIDATES)
-        filt = None
+        filt, fcats = None, categories
         if und and und.filters:
             filt = lambda h: und.matches(h.category, h.attributes)[0] == len(und.filters)  # noqa: E731
+            if "category" in und.filters and not categories:  # the filtered side searches that category only
+                fcats = [und.filters["category"]]
 
         def both(pred):
             if where is None:
@@ -175,11 +181,13 @@ class SearchService:
             xq = np.asarray(vector, np.float32)[None]
             vec_lists.append(self.search_vectors(xq, n, categories, route, exclude, where=where)[0])
             if filt is not None:  # the filtered ranking, widened until it has n hits or runs out
-                vec_lists.append(self.search_vectors(xq, n, categories, route, exclude, where=both(filt))[0])
-        if mode != "vector" and lexical_ok:
+                vec_lists.append(self.search_vectors(xq, n, fcats, route, exclude, where=both(filt))[0])
+        # a photo's words refine the photo ("red" + a picture of shoes): BM25 on such fragments finds
+        # other products, so with a photo the lexical side joins only for product codes
+        if mode != "vector" and lexical_ok and (image is None or (und is not None and und.codes)):
             lex_lists.append(self._lexical_hits(text, n, categories, exclude, where))
             if filt is not None:
-                lex_lists.append(self._lexical_hits(text, n, categories, exclude, both(filt)))
+                lex_lists.append(self._lexical_hits(text, n, fcats, exclude, both(filt)))
         hits = self._fuse(vec_lists, lex_lists, mode, und)
         return SearchResult(hits[:k], und.to_dict() if und else {}, mode)
 
@@ -327,12 +335,15 @@ class SearchService:
 
     def _hit(self, slug: str, row: int, score: float) -> Hit:
         cols = self._columns.get(slug)
-        if cols is None:  # the metadata as Python lists, once per category (hits are built by the hundred)
+        if cols is None:  # the metadata as Python lists, parsed once per category (hits are built by the hundred)
             meta = self.index.categories[slug].meta
-            cols = self._columns[slug] = [meta.column(c).to_pylist() for c in
-                                          ("item_id", "title", "category", "attributes", "group_id", "images", "extra")]
+            cols = [meta.column(c).to_pylist() for c in
+                    ("item_id", "title", "category", "attributes", "group_id", "images", "extra")]
+            cols[3] = [json.loads(a or "{}") for a in cols[3]]
+            cols[6] = [json.loads(e or "{}") for e in cols[6]]
+            self._columns[slug] = cols
         iid, title, cat, attrs, group, images, extra = (c[row] for c in cols)
-        return Hit(iid, score, title, cat, json.loads(attrs or "{}"), group, images or [], json.loads(extra or "{}"))
+        return Hit(iid, score, title, cat, dict(attrs), group, list(images or []), dict(extra))
 
     def _locate(self, item_id: str) -> tuple[str, int]:
         if self._item_loc is None:  # built once: item -> (category, row) and group -> items

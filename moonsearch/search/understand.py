@@ -36,6 +36,7 @@ class Understood:
     filters: dict[str, str] = field(default_factory=dict)  # key -> value (category: path)
     boosts: list[tuple[str, str]] = field(default_factory=list)
     codes: list[str] = field(default_factory=list)
+    _want: list | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         out: dict = dict(self.filters)
@@ -57,14 +58,20 @@ class Understood:
     def matches(self, category: list[str], attributes: dict) -> tuple[int, int]:
         """(how many filter values it carries, how many boost values): hits with every filter value rank
         first, then those with most of them (a filter that nothing satisfies whole degrades gracefully)."""
-        def has(key, value):
-            if key == "category":
-                path = [fold(c) for c in category]
-                want = [fold(c) for c in value.split(" > ")]
-                return path[:len(want)] == want
-            return fold(str(attributes.get(key, ""))) == fold(value)
+        if self._want is None:  # folded once per query, not once per candidate
+            self._want = [[(k, [fold(c) for c in v.split(" > ")] if k == "category" else fold(v)) for k, v in group]
+                          for group in (list(self.filters.items()), list(self.boosts))]
+        path = None
 
-        return sum(has(k, v) for k, v in self.filters.items()), sum(has(k, v) for k, v in self.boosts)
+        def has(key, want):
+            nonlocal path
+            if key == "category":
+                if path is None:
+                    path = [fold(c) for c in category]
+                return path[:len(want)] == want
+            return fold(str(attributes.get(key, ""))) == want
+
+        return sum(has(k, w) for k, w in self._want[0]), sum(has(k, w) for k, w in self._want[1])
 
 
 def _stem_words(ws) -> tuple[str, ...]:

@@ -285,7 +285,7 @@ def create_app(opts: ServeOptions, engine: Optional[Engine] = None) -> FastAPI:
             fetch = max(need, 200) if body.facets else need
 
             def run():
-                return svc.search(text, k=fetch, mode=mode, understand=body.understand, vector=vec,
+                return svc.search(text, image, k=fetch, mode=mode, understand=body.understand, vector=vec,
                                   categories=categories_of(flt), route=body.route,
                                   where=attribute_filter(flt.attributes if flt else None))
 

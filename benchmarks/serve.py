@@ -55,6 +55,9 @@ async def scrape_batches(client) -> tuple[float, int]:
     return vals.get("moonsearch_encode_batch_size_sum", 0.0), int(vals.get("moonsearch_encode_batch_size_count", 0))
 
 
+MODE: dict = {}  # extra /search fields (--mode)
+
+
 async def cell(url: str, kind: str, concurrency: int, max_requests: int, max_seconds: float, photos: list[bytes],
                during=None) -> dict:
     rng = random.Random(f"{kind}-{concurrency}")
@@ -73,7 +76,7 @@ async def cell(url: str, kind: str, concurrency: int, max_requests: int, max_sec
                 t0 = time.perf_counter()
                 try:
                     if k == "text":
-                        r = await client.post("/search", json={"q": rng.choice(TEXTS), "limit": 10})
+                        r = await client.post("/search", json={"q": rng.choice(TEXTS), "limit": 10, **MODE})
                     else:
                         r = await client.post("/search/image", files={"file": ("q.jpg", rng.choice(photos))},
                                               data={"limit": "10"})
@@ -168,6 +171,7 @@ async def main_async(args) -> dict:
         print(r)
         rows.append(r)
         return {"index": str(args.index), "encoder": health["encoder"], "items": health["items"],
+                "text_mode": MODE or "server default (hybrid + understanding)",
                 "max_wait_ms": args.max_wait_ms, "cpus": os.cpu_count(), "rows": rows}
     finally:
         proc.send_signal(signal.SIGINT)
@@ -180,7 +184,7 @@ async def main_async(args) -> dict:
 
 def markdown(res: dict) -> str:
     lines = [f"Server: `moonsearch serve` ({res['encoder']}, {res['items']} items, max wait {res['max_wait_ms']} ms), "
-             f"{res['cpus']} cores shared with the load generator.", "",
+             f"{res['cpus']} cores shared with the load generator; text queries: {res.get('text_mode')}.", "",
              "| traffic | concurrency | requests | QPS | p50 ms | p99 ms | mean batch | errors |", "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['traffic']} | {r['concurrency']} | {r['requests']} | {r['qps']} | {r['p50_ms']} | "
@@ -202,9 +206,13 @@ def main() -> None:
     ap.add_argument("--reloads", type=int, default=5, help="index changes during the reload cell")
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--quick", action="store_true", help="100 requests / 10 s per cell, no soak")
+    ap.add_argument("--mode", choices=["vector", "lexical", "hybrid"], help="text queries' search mode (default: "
+                    "the server's, hybrid with query understanding; vector also turns understanding off)")
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     args = ap.parse_args()
     args.concurrency = args.concurrency or [1, 8, 32]
+    if args.mode:
+        MODE.update({"mode": args.mode} | ({"understand": False} if args.mode == "vector" else {}))
     if args.quick:
         args.requests, args.seconds, args.soak, args.reloads = 100, 10.0, 0, 2
     import gc

@@ -472,7 +472,7 @@ def bench_recall(
     name: Annotated[str, typer.Option(help="report file name stem")] = "recall",
     mode: Annotated[Optional[list[str]], typer.Option(help="search mode (repeatable): vector, lexical, hybrid; "
                                                       "'+u' adds query understanding, e.g. hybrid+u")] = None,
-    fusion: Annotated[str, typer.Option(help="hybrid fusion: rrf, or convex:ALPHA")] = "rrf",
+    fusion: Annotated[str, typer.Option(help="hybrid fusion: default (convex, alpha 0.6), rrf, or convex:ALPHA")] = "default",
     titles: Annotated[int, typer.Option(help="catalog titles asked as exact-title queries")] = 300,
 ):
     """Recall@1/5/10/50 and MRR@10 per query modality, top-level category, attribute-bearing text and
@@ -494,7 +494,9 @@ def bench_recall(
             raise UserError(f"--mode {m}: expected vector, lexical or hybrid, optionally with '+u'")
         modes.append((base, u == "u"))
     svc = SearchService(index_dir or data / "index")
-    if fusion != "rrf":
+    if fusion == "rrf":
+        svc.fusion = "rrf"
+    elif fusion != "default":
         kind, _, a = fusion.partition(":")
         try:
             alpha = float(a)

@@ -45,6 +45,7 @@ class Hit:
 MODES = ("vector", "lexical", "hybrid")
 DEFAULT_MODE = "hybrid"  # measured best on the demo world (benchmarks/README.md, hybrid search)
 RRF_K = 60  # reciprocal rank fusion constant
+DEFAULT_FUSION, DEFAULT_ALPHA = "convex", 0.6
 CANDIDATES = 100  # candidates taken from each side before fusion
 
 
@@ -97,8 +98,10 @@ class SearchService:
         self._lexical = None
         self._gazetteer = None
         self._columns: dict[str, list[list]] = {}
-        self.fusion = "rrf"  # or "convex" with self.alpha
-        self.alpha = 0.5
+        # convex fusion, alpha 0.6: fitted on the behaviour log's validation slice, where it beat RRF for
+        # both clip-mini and moon-mini (benchmarks/hybrid.py); fusion = "rrf" gives reciprocal rank fusion
+        self.fusion = DEFAULT_FUSION
+        self.alpha = DEFAULT_ALPHA
 
     @property
     def lexical(self):
@@ -137,8 +140,8 @@ class SearchService:
                categories: Sequence[str] | None = None, route: int | None = None,
                where: Callable[[Hit], bool] | None = None, exclude: set[str] | None = None) -> SearchResult:
         """Hybrid search. ``mode``: vector (embeddings), lexical (BM25 over title, category path and
-        attribute values), hybrid (both, fused by reciprocal rank, or by ``self.fusion = "convex"`` with
-        ``self.alpha``). ``understand``: catalog values found in the text (see search/understand.py)
+        attribute values), hybrid (both, fused by ``self.fusion``: "convex" = alpha * min-max-normalised
+        vector score + (1 - alpha) * normalised BM25, alpha = ``self.alpha``; or "rrf"). ``understand``: catalog values found in the text (see search/understand.py)
         become filters (hits carrying them first) or boosts; product codes make the lexical side lead.
         A photo (``image``) always goes through the vector side, and in hybrid mode the words that come
         with a photo are not searched lexically (unless they hold a product code); ``vector`` replaces the

@@ -266,6 +266,7 @@ def serve(
     max_wait_ms: Annotated[float, typer.Option(help="longest wait for a batch to fill, in ms")] = 5.0,
     reload_interval: Annotated[float, typer.Option(help="seconds between checks of the index manifest "
                                                    "(hot reload; 0: off, SIGHUP still reloads)")] = 1.0,
+    access_log: Annotated[bool, typer.Option(help="log every request (off: /metrics counts them)")] = False,
 ):
     """HTTP search API and search page (open http://HOST:PORT/ in a browser). MOONSEARCH_API_KEY set:
     every endpoint but /health and the page needs the X-API-Key header."""
@@ -284,7 +285,7 @@ def serve(
     console.print(f"loading {folder} and warming the encoder ...")
     from moonsearch.serve.app import serve as run_server
 
-    run_server(opts, host, port, workers)
+    run_server(opts, host, port, workers, access_log=access_log)
 
 
 @app.command()

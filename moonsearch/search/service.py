@@ -56,6 +56,11 @@ class SearchResult:
     mode: str = "vector"
 
 
+def candidates(k: int) -> int:
+    """How many hits each side of a hybrid search contributes before fusion."""
+    return max(k, CANDIDATES)
+
+
 def rrf(rankings: Sequence[Sequence[str]], k: int = RRF_K) -> dict[str, float]:
     """Reciprocal rank fusion: item -> sum over rankings of 1 / (k + rank), rank from 1."""
     out: dict[str, float] = {}
@@ -138,14 +143,17 @@ class SearchService:
     def search(self, text: str | None = None, image: Image.Image | None = None, k: int = 10,
                mode: str | None = None, understand: bool = True, vector: np.ndarray | None = None,
                categories: Sequence[str] | None = None, route: int | None = None,
-               where: Callable[[Hit], bool] | None = None, exclude: set[str] | None = None) -> SearchResult:
+               where: Callable[[Hit], bool] | None = None, exclude: set[str] | None = None,
+               vector_hits: list[Hit] | None = None) -> SearchResult:
         """Hybrid search. ``mode``: vector (embeddings), lexical (BM25 over title, category path and
         attribute values), hybrid (both, fused by ``self.fusion``: "convex" = alpha * min-max-normalised
         vector score + (1 - alpha) * normalised BM25, alpha = ``self.alpha``; or "rrf"). ``understand``: catalog values found in the text (see search/understand.py)
         become filters (hits carrying them first) or boosts; product codes make the lexical side lead.
         A photo (``image``) always goes through the vector side, and in hybrid mode the words that come
         with a photo are not searched lexically (unless they hold a product code); ``vector`` replaces the
-        encoder call (give ``image`` too when the vector came from a photo)."""
+        encoder call (give ``image`` too when the vector came from a photo); ``vector_hits`` (the top
+        ``candidates(k)`` of that vector with the same categories / route / where / exclude, e.g. from a
+        batched search) replaces the unfiltered vector search."""
         check_k(k)
         mode = mode or DEFAULT_MODE
         if mode not in MODES:
@@ -163,7 +171,7 @@ class SearchService:
             if image is None and vector is None:
                 return SearchResult([], und.to_dict() if und else {}, mode)
             mode = "vector"  # a photo alone has no words
-        n = max(k, CANDIDATES)
+        n = candidates(k)
         filt, fcats = None, categories
         if und and und.filters:
             filt = lambda h: und.matches(h.category, h.attributes)[0] == len(und.filters)  # noqa: E731
@@ -182,15 +190,21 @@ class SearchService:
             if vector is None:
                 vector = self.encoder.encode_queries([Query(text=text, image=image)])[0]
             xq = np.asarray(vector, np.float32)[None]
-            vec_lists.append(self.search_vectors(xq, n, categories, route, exclude, where=where)[0])
-            if filt is not None:  # the filtered ranking, widened until it has n hits or runs out
-                vec_lists.append(self.search_vectors(xq, n, fcats, route, exclude, where=both(filt))[0])
+            vec_lists.append(vector_hits if vector_hits is not None else
+                             self.search_vectors(xq, n, categories, route, exclude, where=where)[0])
         # a photo's words refine the photo ("red" + a picture of shoes): BM25 on such fragments finds
         # other products, so with a photo the lexical side joins only for product codes
         if mode != "vector" and lexical_ok and (image is None or (und is not None and und.codes)):
             lex_lists.append(self._lexical_hits(text, n, categories, exclude, where))
-            if filt is not None:
-                lex_lists.append(self._lexical_hits(text, n, fcats, exclude, both(filt)))
+        if filt is not None:
+            # hits carrying every filter value rank first; when the candidates hold fewer than k of them,
+            # the filtered rankings (widened until they have n hits or run out) add the missing ones
+            have = {h.item_id for lst in (*vec_lists, *lex_lists) for h in lst if filt(h)}
+            if len(have) < k:
+                if vec_lists:
+                    vec_lists.append(self.search_vectors(xq, n, fcats, route, exclude, where=both(filt))[0])
+                if lex_lists:
+                    lex_lists.append(self._lexical_hits(text, n, fcats, exclude, both(filt)))
         hits = self._fuse(vec_lists, lex_lists, mode, und)
         return SearchResult(hits[:k], und.to_dict() if und else {}, mode)
 

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
+import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse
@@ -26,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from moonsearch.data.images import ImageError, decode, read_bytes, resolve_path
 from moonsearch.errors import UnknownItem, UserError
 from moonsearch.search.service import Hit
-from moonsearch.search.service import DEFAULT_MODE
+from moonsearch.search.service import DEFAULT_MODE, candidates
 from moonsearch.serve.engine import Engine, ServeOptions, attribute_filter, category_counts
 
 log = logging.getLogger("moonsearch.serve")
@@ -284,10 +285,18 @@ def create_app(opts: ServeOptions, engine: Optional[Engine] = None) -> FastAPI:
             need = body.offset + body.limit
             fetch = max(need, 200) if body.facets else need
 
+            where = attribute_filter(flt.attributes if flt else None)
+            vec_hits = None
+            if vec is not None:  # the unfiltered vector side goes through the batched FAISS search
+                vec_hits = await engine.searcher.submit((svc, np.asarray(vec, np.float32), candidates(fetch),
+                                                         categories_of(flt), body.route, None, where))
+                if isinstance(vec_hits, Exception):
+                    raise vec_hits
+
             def run():
                 return svc.search(text, image, k=fetch, mode=mode, understand=body.understand, vector=vec,
-                                  categories=categories_of(flt), route=body.route,
-                                  where=attribute_filter(flt.attributes if flt else None))
+                                  categories=categories_of(flt), route=body.route, where=where,
+                                  vector_hits=vec_hits)
 
             res = await asyncio.get_running_loop().run_in_executor(engine.search_pool, run)
             facets = category_counts(res.hits) if body.facets else None
@@ -371,7 +380,7 @@ def app_from_env():
 
 
 def serve(opts: ServeOptions, host: str = "127.0.0.1", port: int = 8080, workers: int = 1,
-          log_level: str = "info") -> None:
+          log_level: str = "info", access_log: bool = False) -> None:
     import os
     import signal
 
@@ -380,7 +389,7 @@ def serve(opts: ServeOptions, host: str = "127.0.0.1", port: int = 8080, workers
     if workers > 1:
         os.environ.update(opts.to_env())
         uvicorn.run("moonsearch.serve.app:app_from_env", factory=True, host=host, port=port, workers=workers,
-                    log_level=log_level, timeout_graceful_shutdown=5)
+                    log_level=log_level, access_log=access_log, timeout_graceful_shutdown=5)
         return
     app = create_app(opts)
     engine = app.engine
@@ -388,4 +397,4 @@ def serve(opts: ServeOptions, host: str = "127.0.0.1", port: int = 8080, workers
         signal.signal(signal.SIGHUP, lambda *_: engine.reload_if_changed(force=True))
     except (ValueError, AttributeError):  # not the main thread, or no SIGHUP on this platform
         pass
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=5)

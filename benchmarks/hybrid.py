@@ -164,7 +164,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     args = ap.parse_args()
     from moonsearch.search.service import SearchService
-    from moonsearch.utils.io import atomic_write_json, atomic_write_text
+    from moonsearch.utils.io import write_report
 
     res = {"models": []}
     indices = args.index or [args.data / "index"]
@@ -180,12 +180,7 @@ def main() -> None:
 
     beh = [b["query_text"] for b in pq.read_table(args.data / "behavior.parquet").to_pylist() if b["query_text"]][:300]
     res["cost"] = lexical_cost(svc, beh, args.million)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(res, args.out / "hybrid.json")
-    md = markdown(res)
-    atomic_write_text(md, args.out / "hybrid.md")
-    print(md)
-    print(f"wrote {args.out / 'hybrid.json'}, {args.out / 'hybrid.md'}")
+    write_report(res, markdown(res), args.out, "hybrid")
 
 
 if __name__ == "__main__":

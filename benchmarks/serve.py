@@ -220,14 +220,9 @@ def main() -> None:
     gc.collect()
     gc.freeze()  # the load generator is Python too: keep its collector from stalling the measurement
     res = asyncio.run(main_async(args))
-    args.out.mkdir(parents=True, exist_ok=True)
-    from moonsearch.utils.io import atomic_write_json, atomic_write_text
+    from moonsearch.utils.io import write_report
 
-    atomic_write_json(res, args.out / "serve.json")
-    md = markdown(res)
-    atomic_write_text(md, args.out / "serve.md")
-    print(md)
-    print(f"wrote {args.out / 'serve.json'}, {args.out / 'serve.md'}")
+    write_report(res, markdown(res), args.out, "serve")
 
 
 if __name__ == "__main__":

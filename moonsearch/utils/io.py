@@ -48,6 +48,18 @@ def atomic_write_json(obj: Any, path: str | Path) -> None:
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", path)
 
 
+def write_report(result, markdown: str, out: str | Path, name: str) -> tuple[Path, Path]:
+    """A benchmark's raw JSON and its markdown table, written atomically side by side; prints both paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = out / f"{name}.json", out / f"{name}.md"
+    atomic_write_json(result, paths[0])
+    atomic_write_text(markdown, paths[1])
+    print(markdown)
+    print(f"wrote {paths[0]}, {paths[1]}")
+    return paths
+
+
 def atomic_write_parquet(table, path: str | Path) -> None:
     import pyarrow.parquet as pq
 

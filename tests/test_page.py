@@ -152,3 +152,31 @@ def test_phone_width_has_no_sideways_scroll(browser, url):
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     shot(page, "page-phone")
     page.close()
+
+
+def test_drag_and_drop_a_photo(browser, url, catalog):
+    page = browser.new_page()
+    page.goto(url + "/")
+    photo = Path(next(m for m in catalog if m["images"])["images"][0])
+    page.evaluate("""async ([bytes, name]) => {
+        const file = new File([new Uint8Array(bytes)], name, {type: "image/png"});
+        const dt = new DataTransfer();
+        dt.items.add(file);
+        for (const type of ["dragenter", "dragover", "drop"]) {
+            document.getElementById("dropzone").dispatchEvent(
+                new DragEvent(type, {bubbles: true, cancelable: true, dataTransfer: dt}));
+        }
+    }""", [list(photo.read_bytes()), photo.name])
+    page.wait_for_selector(".card")
+    wait_results(page)
+    assert "your photo" in page.text_content("#status") and page.is_visible("#photo-thumb")
+    page.close()
+
+
+def test_no_results_say_so(browser, url):
+    page = browser.new_page()
+    page.goto(url + "/?q=qqqzzxx&mode=lexical")
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('No products')")
+    assert page.eval_on_selector_all(".card", "els => els.length") == 0
+    assert "mode=lexical" in page.url
+    page.close()

@@ -2,7 +2,7 @@
 "use strict";
 const PAGE = 24;
 const $ = (id) => document.getElementById(id);
-const state = { q: "", photo: null, categories: [], like: null, likeTitle: "", offset: 0 };
+const state = { q: "", photo: null, categories: [], like: null, likeTitle: "", offset: 0, mode: null };
 
 function apiKey() { return localStorage.getItem("moonsearch-api-key") || ""; }
 
@@ -35,6 +35,7 @@ function syncUrl() {
   if (state.q) p.set("q", state.q);
   state.categories.forEach((c) => p.append("category", c));
   if (state.like) p.set("like", state.like);
+  if (state.mode) p.set("mode", state.mode);
   const url = p.toString() ? "/?" + p.toString() : "/";
   history.replaceState(null, "", url);
 }
@@ -78,7 +79,8 @@ async function runSearch(append = false) {
       res = await api("/search/image", { method: "POST", body: form });
     } else {
       res = await api("/search", { method: "POST", headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ q: state.q, limit: PAGE, offset: state.offset, filter, facets: true }) });
+        body: JSON.stringify(Object.assign({ q: state.q, limit: PAGE, offset: state.offset, filter, facets: true },
+                                           state.mode ? { mode: state.mode } : {})) });
     }
   } catch (e) {
     setStatus("Search failed: " + e.message, true);
@@ -241,6 +243,7 @@ document.addEventListener("drop", (e) => usePhoto(e.dataTransfer && e.dataTransf
   state.q = (p.get("q") || "").trim();
   state.categories = p.getAll("category");
   state.like = p.get("like");
+  state.mode = ["vector", "lexical", "hybrid"].includes(p.get("mode")) ? p.get("mode") : null;
   $("q").value = state.q;
   if (state.q || state.like) runSearch(); else renderFilters();
 })();

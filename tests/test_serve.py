@@ -354,3 +354,40 @@ def _wait_items(url: str, n: int, timeout: float = 30.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"the server did not reload to {n} items")
+
+
+@pytest.mark.slow
+def test_workers_serve_the_same_answers(tiny_index, svc, tmp_path):
+    """`moonsearch serve --workers 2` as users start it: two processes, one port, same results."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from serve_util import free_port
+
+    port = free_port()
+    exe = Path(sys.executable).with_name("moonsearch")
+    proc = subprocess.Popen([str(exe), "serve", "--index", str(tiny_index), "--model", "clip-tiny", "--workers", "2",
+                             "--port", str(port), "--reload-interval", "0"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "MOONSEARCH_API_KEY": ""})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "the workers did not come up"
+            time.sleep(0.5)
+        want = [h.item_id for h in svc.search("red bag", k=5).hits]
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda _: ids(httpx.post(url + "/search", json={"q": "red bag", "limit": 5},
+                                                         timeout=60)), range(16)))
+        assert all(g == want for g in got)
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -145,10 +145,11 @@ class SearchService:
                categories: Sequence[str] | None = None, route: int | None = None,
                where: Callable[[Hit], bool] | None = None, exclude: set[str] | None = None,
                vector_hits: list[Hit] | None = None) -> SearchResult:
-        """Hybrid search. ``mode``: vector (embeddings), lexical (BM25 over title, category path and
+        """Hybrid search. ``mode``: vector (embeddings), lexical (BM25 over id, title, category path and
         attribute values), hybrid (both, fused by ``self.fusion``: "convex" = alpha * min-max-normalised
-        vector score + (1 - alpha) * normalised BM25, alpha = ``self.alpha``; or "rrf"). ``understand``: catalog values found in the text (see search/understand.py)
-        become filters (hits carrying them first) or boosts; product codes make the lexical side lead.
+        vector score + (1 - alpha) * normalised BM25, alpha = ``self.alpha``; or "rrf").
+        ``understand``: catalog values found in the text (see search/understand.py) become filters
+        (hits carrying them first) or boosts; product codes make the lexical side lead.
         A photo (``image``) always goes through the vector side, and in hybrid mode the words that come
         with a photo are not searched lexically (unless they hold a product code); ``vector`` replaces the
         encoder call (give ``image`` too when the vector came from a photo); ``vector_hits`` (the top

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all test-gpu bench venv clean
+.PHONY: demo test test-slow test-all test-gpu bench venv clean browser
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -21,7 +21,16 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/moonsearch demo
 
-test: $(STAMP)
+# the search page's browser tests drive Debian's Chromium: installed here on first use where apt can
+# (as root or with sudo); elsewhere those tests skip with the command to run
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  S=""; [ "$$(id -u)" = 0 ] || S="sudo -n"; \
+	  { $$S apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { $$S apt-get update -q >/dev/null 2>&1 && $$S apt-get install -y -q chromium >/dev/null 2>&1; }; } || \
+	  echo "no Chromium (apt-get install chromium): the browser tests will skip"; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 # the long tests (whole benchmark runs, multi-process training), deselected from `make test`; CI runs them too

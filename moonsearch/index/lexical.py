@@ -46,6 +46,11 @@ def _stemmer():
     return Stemmer.Stemmer("english")
 
 
+def stem(tokens: Sequence[str]) -> list[str]:
+    """Snowball English stems of already folded tokens."""
+    return _stemmer().stemWords(list(tokens)) if tokens else []
+
+
 def words(text: str) -> list[str]:
     """Folded tokens, stop words kept (what query understanding matches on)."""
     return _TOKEN.findall(fold(text or ""))
@@ -53,8 +58,7 @@ def words(text: str) -> list[str]:
 
 def analyse(text: str) -> list[str]:
     """The index terms of ``text``: folded, stop words dropped, stemmed."""
-    toks = [t for t in words(text) if t not in STOP_WORDS]
-    return _stemmer().stemWords(toks) if toks else []
+    return stem([t for t in words(text) if t not in STOP_WORDS])
 
 
 def item_text(title: str, category: Sequence[str], attributes: dict, item_id: str = "") -> str:
@@ -78,8 +82,8 @@ class CategoryTerms:
         self.terms = terms
         self.tf = tf
         self.doc_len = np.asarray(tf.sum(axis=1)).ravel().astype(np.float32)
-        self.df = np.diff(tf.tocsc().indptr).astype(np.int64)  # documents per term
         self.csc = tf.tocsc()
+        self.df = np.diff(self.csc.indptr).astype(np.int64)  # documents per term
         self.term_id = {t: i for i, t in enumerate(terms.tolist())}
 
     @classmethod

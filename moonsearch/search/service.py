@@ -237,15 +237,13 @@ class SearchService:
                 lead = rrf([[h.item_id for h in lex]], k=0)
                 score = {i: s + lead.get(i, 0.0) for i, s in score.items()}
         else:
-            base = vec or lex
-            score = {h.item_id: h.score for h in base}
-            for lst in (vec_lists[1:] or lex_lists[1:]):  # filtered hits beyond the first list's reach
-                for h in lst:
-                    score.setdefault(h.item_id, h.score)
-        # filtered lists only add candidates; their order comes from the fused score
+            score = {h.item_id: h.score for h in (vec or lex)}
+        # the filtered lists only add candidates: with one side they keep that side's own score, fused
+        # they rank after every fused candidate (the filter order puts them where they belong)
+        floor = min(score.values(), default=0.0) - 1e-6
         for lst in [*vec_lists[1:], *lex_lists[1:]]:
             for h in lst:
-                score.setdefault(h.item_id, min(score.values(), default=0.0) - 1e-6)
+                score.setdefault(h.item_id, floor if mode == "hybrid" and vec and lex else h.score)
         ranked = sorted(score, key=lambda i: -score[i])
         if und and (und.filters or und.boosts):
             def key(pair):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from moonsearch.index.lexical import _stemmer, fold, words
+from moonsearch.index.lexical import fold, stem, words
 
 # spelling variants -> the canonical form, used only when the canonical form is a catalog value
 SYNONYMS = {"gray": "grey", "colour": "color", "jumper": "sweater", "trainers": "sneakers", "sneaker": "sneakers",
@@ -75,7 +75,7 @@ class Understood:
 
 
 def _stem_words(ws) -> tuple[str, ...]:
-    return tuple(_stemmer().stemWords(list(ws))) if ws else ()
+    return tuple(stem(ws))
 
 
 class Gazetteer:

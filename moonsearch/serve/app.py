@@ -372,11 +372,7 @@ def create_app(opts: ServeOptions, engine: Optional[Engine] = None) -> FastAPI:
 
 def app_from_env():
     """uvicorn factory for ``moonsearch serve --workers N`` (each worker process loads its own copy)."""
-    import os
-
-    opts = ServeOptions.from_env()
-    opts.api_key = os.environ.get("MOONSEARCH_API_KEY") or None
-    return create_app(opts)
+    return create_app(ServeOptions.from_env())
 
 
 def serve(opts: ServeOptions, host: str = "127.0.0.1", port: int = 8080, workers: int = 1,

@@ -54,7 +54,7 @@ class ServeOptions:
         return cls(Path(e["MOONSEARCH_SERVE_INDEX"]), e.get("MOONSEARCH_SERVE_MODEL") or None,
                    e.get("MOONSEARCH_SERVE_IMAGE_URLS") == "1", float(e.get("MOONSEARCH_SERVE_MAX_WAIT_MS", 5)),
                    int(e.get("MOONSEARCH_SERVE_MAX_BATCH", 32)), float(e.get("MOONSEARCH_SERVE_RELOAD", 1.0)),
-                   e.get("MOONSEARCH_API_KEY") or None)
+                   e.get("MOONSEARCH_API_KEY") or None)  # the key itself never goes through to_env
 
     def to_env(self) -> dict[str, str]:
         return {"MOONSEARCH_SERVE_INDEX": str(self.index_dir), "MOONSEARCH_SERVE_MODEL": self.model or "",
@@ -68,7 +68,7 @@ class MicroBatcher:
     thread (the encoder; the index searches)."""
 
     def __init__(self, run, max_wait_ms: float, max_batch: int, on_batch=None, name: str = "batcher"):
-        self.encode, self.max_wait, self.max_batch, self.on_batch = run, max_wait_ms / 1000, max_batch, on_batch
+        self.run, self.max_wait, self.max_batch, self.on_batch = run, max_wait_ms / 1000, max_batch, on_batch
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=name)
         self.queue: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None
@@ -115,7 +115,7 @@ class MicroBatcher:
             if self.on_batch is not None:
                 self.on_batch(len(batch))
             try:
-                vecs = await loop.run_in_executor(self.pool, self.encode, [q for q, _ in batch])
+                vecs = await loop.run_in_executor(self.pool, self.run, [q for q, _ in batch])
             except Exception as e:  # one bad query must not fail the others: retry one by one
                 if len(batch) == 1:
                     if not batch[0][1].done():
@@ -123,7 +123,7 @@ class MicroBatcher:
                     continue
                 for q, f in batch:
                     try:
-                        v = (await loop.run_in_executor(self.pool, self.encode, [q]))[0]
+                        v = (await loop.run_in_executor(self.pool, self.run, [q]))[0]
                         if not f.done():
                             f.set_result(v)
                     except Exception as e1:
@@ -145,6 +145,13 @@ def attribute_filter(wanted: dict[str, str | list[str]] | None):
         return all(str(hit.attributes.get(k, "")).strip().lower() in vals for k, vals in norm.items())
 
     return keep
+
+
+def warm_index(svc: SearchService, vector: np.ndarray) -> None:
+    """Build what a first hybrid query would otherwise build on the request path: the BM25 statistics,
+    the gazetteer and the metadata lists (one vector search, one hybrid search with understanding)."""
+    svc.search_vectors(np.asarray(vector, np.float32)[None], k=1)
+    svc.search("red leather", k=1, mode="hybrid", understand=True, vector=vector)
 
 
 def category_counts(hits: Sequence[Hit]) -> dict[str, int]:
@@ -191,6 +198,7 @@ class Engine:
             self.svc.search_vectors(xq, k=10)
         for n in sorted({1, min(4, self.opts.max_batch)}):
             self.encoder.encode_queries([Query(image=img)] * n + [Query(text="warm", image=img)])
+        warm_index(self.svc, xq[0])
         self.ready = True
 
     async def start(self) -> None:
@@ -228,7 +236,7 @@ class Engine:
                 return False
             try:
                 new = SearchService(self.root, encoder=self.encoder)
-                new.search_vectors(np.zeros((1, new.index.encoder["dim"]), np.float32) + 1e-3, k=1)
+                warm_index(new, np.full(new.index.encoder["dim"], 1e-3, np.float32))
             except Exception as e:  # mid-write, or rebuilt with another encoder: keep serving the old one
                 self.metrics.reload_failures += 1
                 log.warning("index reload failed, still serving the previous index: %s", e)

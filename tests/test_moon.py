@@ -250,3 +250,39 @@ def test_models_never_import_vision():
     from moonsearch.models.cropping import cropper_names
 
     assert {"centre", "saliency", "detector", "grounding"} <= set(cropper_names())
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_batched_vision_windows_match_the_per_window_loop(tmp_path, family, monkeypatch):
+    """The one-call SDPA over equal-length vision windows gives the vision tower's output of
+    transformers' per-window loop (same-sized pictures), and falls back to it for unequal windows."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    from moonsearch.models.moon.adapters import batch_vision_windows
+    from moonsearch.models.moon.backbones import save_tiny_qwen_vl
+
+    folder = save_tiny_qwen_vl(tmp_path / family, family=family)
+    ref, fast = AutoModel.from_pretrained(folder).eval(), AutoModel.from_pretrained(folder).eval()
+    assert batch_vision_windows(fast) == len(fast.visual.blocks)
+    proc = AutoImageProcessor.from_pretrained(folder)
+    rng = np.random.default_rng(0)
+    for sizes in ([(112, 112), (112, 112)], [(112, 112), (84, 140)]):  # uniform windows, then mixed
+        imgs = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+        p = proc(images=imgs, return_tensors="pt")
+        calls = []
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        with torch.no_grad():
+            a = ref.visual(p["pixel_values"], grid_thw=p["image_grid_thw"])
+            monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                                lambda *x, **kw: calls.append(1) or sdpa(*x, **kw))
+            b = fast.visual(p["pixel_values"], grid_thw=p["image_grid_thw"])
+            monkeypatch.undo()
+        uniform = sizes[0] == sizes[1]
+        # one batched call per block when the windows are equal; the per-window loop otherwise
+        assert (len(calls) == len(fast.visual.blocks)) == uniform, len(calls)
+        a = getattr(a, "pooler_output", a)
+        b = getattr(b, "pooler_output", b)
+        a = a[0] if isinstance(a, (tuple, list)) else a
+        b = b[0] if isinstance(b, (tuple, list)) else b
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())

@@ -56,6 +56,42 @@ def _pad_right(seqs: list[torch.Tensor], value) -> torch.Tensor:
     return out
 
 
+def _uniform_window_forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+    """Qwen-VL vision attention over equal-length chunks (every window of same-sized pictures is as long as
+    the next) as ONE batched SDPA call; transformers' non-flash path runs one call per window, thousands per
+    layer for a batch of products. Any other case goes to the original forward."""
+    import sys
+
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    n, total = len(lengths), hidden_states.shape[0]
+    rotate = getattr(sys.modules[type(self).__module__], "apply_rotary_pos_emb_vision", None)
+    if (position_embeddings is None or rotate is None or n == 0 or total % n
+            or not bool((lengths == total // n).all())):
+        return type(self).forward(self, hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
+    L, H = total // n, self.num_heads
+    q, k, v = self.qkv(hidden_states).reshape(total, 3, H, -1).permute(1, 0, 2, 3).unbind(0)  # (total, H, d)
+    cos, sin = position_embeddings
+    q, k = rotate(q, k, cos, sin)
+    q, k, v = (t.reshape(n, L, H, -1).transpose(1, 2) for t in (q, k, v))  # (n, H, L, d)
+    out = nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scaling)
+    return self.proj(out.transpose(1, 2).reshape(total, -1))
+
+
+def batch_vision_windows(model: nn.Module) -> int:
+    """Route the vision attention of a Qwen2-VL / Qwen2.5-VL model (not under flash attention, which
+    handles variable-length chunks itself) through ``_uniform_window_forward``; returns modules patched."""
+    import types
+
+    done = 0
+    for mod in model.modules():
+        name = type(mod).__name__
+        if name in ("Qwen2_5_VLVisionAttention", "VisionAttention") and hasattr(mod, "qkv") \
+                and "flash" not in str(getattr(mod.config, "_attn_implementation", "") or ""):
+            mod.forward = types.MethodType(_uniform_window_forward, mod)
+            done += 1
+    return done
+
+
 class QwenVLAdapter(BackboneAdapter):
     """Qwen2-VL / Qwen2.5-VL (``model`` is the transformers ``*VLModel`` without the LM head)."""
 
@@ -68,6 +104,7 @@ class QwenVLAdapter(BackboneAdapter):
         self.merge = cfg.vision_config.spatial_merge_size
         self.ids = dict(image=cfg.image_token_id, start=cfg.vision_start_token_id, end=cfg.vision_end_token_id)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        batch_vision_windows(model)
 
     def decoder_layers(self) -> list[nn.Module]:
         return list(self.model.language_model.layers)

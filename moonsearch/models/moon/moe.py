@@ -107,7 +107,7 @@ class GuidedMoE(nn.Module):
             self.aux_loss = torch.zeros((), device=x.device)
         if self.shared is not None and not self.cfg.low_rank:
             out = (out + self.shared(flat)) / 2  # the mean keeps the upcycled layer's output at init
-        self.counts += counts
+        self.counts += counts.to(self.counts.device)
         return out.reshape(B, T, H)
 
 

@@ -146,10 +146,30 @@ def index(
     bytes_per_vector: Annotated[Optional[float], typer.Option(help="PQ bytes per vector (default dim/4)")] = None,
     batch_size: Annotated[int, typer.Option(help="encoder batch size")] = 32,
     device: Annotated[Optional[str], typer.Option(help="torch device (default: cuda if present)")] = None,
+    vectors: Annotated[Optional[Path], typer.Option(help="precomputed embeddings (.npy, row i = catalog row i): "
+                                                    "no encoder; streamed, never all in RAM; resumable")] = None,
 ):
     """Embed a catalog and build one FAISS index per category (resumable; re-runs reuse embeddings)."""
     from moonsearch.index.faiss_backend import IndexParams
     from moonsearch.indexer.run import IndexJob, run_index
+
+    if vectors is not None:
+        from moonsearch.errors import UserError
+        from moonsearch.index.stream import build_from_vectors
+
+        if append or model:
+            raise UserError("--vectors builds a new index from precomputed embeddings: drop --append / --model")
+        given = {k: v for k, v in dict(nprobe=nprobe, rerank=rerank, bytes_per_vector=bytes_per_vector).items()
+                 if v is not None}
+        with _progress("encoding") as prog:
+            rep = build_from_vectors(catalog, vectors, out, IndexParams(**given), level, log=console.print,
+                                     progress=_with_progress(prog))
+        remember_index(out)
+        console.print(f"indexed {rep['items']} items into {rep['categories']} categories at {out} "
+                      f"({rep['factory']}, shared quantizer; {rep['total_s']:.1f}s)")
+        if rep["skipped"]:
+            console.print(f"{rep['skipped']} rows skipped, listed in {out / 'rejects.jsonl'}")
+        return
 
     at_least("--level", level), at_least("--nprobe", nprobe), at_least("--rerank", rerank, 0)
     at_least("--batch-size", batch_size)

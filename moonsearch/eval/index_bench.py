@@ -1,14 +1,22 @@
 """ANN index benchmark on the vectors-only world (structured vectors, 27 leaf categories).
 
-For each size: exact top-10 over all vectors is the oracle. Compared in one run:
-- per-category indices (the moonsearch layout, factory from the size ladder), nprobe x rerank sweep;
+For each size: exact top-10 over all vectors is the oracle (batched brute force over the memory-mapped
+vectors). Compared in one run:
+- shared quantizer: the moonsearch layout for sets of at least ``shared_from`` items (index/shared.py),
+  built by the streaming builder (``moonsearch index --vectors``) and opened memory-mapped from disk,
+  all categories unrouted, routed to 1 and 3 categories, and filtered to one category;
+- per-category indices each with their own quantizer (the layout before, and still that of small sets),
+  nprobe x rerank sweep, routed;
 - one global IVF-PQ index with the same ladder, same sweep;
 - one global flat index (exact).
 Reported: recall@10 of the ANN result set against exact, ms per query (p50/p99, one query at a time,
-the index part only), build seconds, bytes per vector held in memory by the index.
+the index part only), build seconds, bytes per vector held in memory by the index. Sizes above
+``BIG`` run the shared layout alone (the others would not fit this machine's time or RAM), with its
+open time, peak RSS of the build, disk, and the RSS of a process after opening it and answering the queries.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +36,7 @@ from moonsearch.utils.io import atomic_write_json, atomic_write_text, load_npy
 K = 10
 NPROBES = (8, 16, 32, 64)
 RERANKS = (0, 4, 8, 16)
+BIG = 2_000_000
 
 
 def _meta(n: int) -> pa.Table:
@@ -44,18 +53,112 @@ def _timed_search(search, xq: np.ndarray, n_timed: int = 200) -> tuple[np.ndarra
     return ids, float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
 
 
-def exact_top_k(xb: np.ndarray, xq: np.ndarray, k: int, block: int = 65536) -> np.ndarray:
-    """(nq, k) ids of the k largest inner products, by blocks of the base (float64 scores, ties by id)."""
-    best_s = np.full((len(xq), k), -np.inf)
-    best_i = np.full((len(xq), k), -1, np.int64)
-    q = xq.astype(np.float64)
+def exact_top_k(xb: np.ndarray, xq: np.ndarray, k: int, block: int = 262144, slack: int = 8) -> np.ndarray:
+    """(nq, k) ids of the k largest inner products, by blocks of the (memory-mapped) base: float32 products
+    keep each block's best k+slack, which are rescored in float64 (ties by id)."""
+    cand_i = []
+    q32 = np.ascontiguousarray(xq, np.float32)
+    m = k + slack
     for s in range(0, len(xb), block):
-        sc = q @ xb[s:s + block].astype(np.float64).T  # (nq, b)
-        ids = np.broadcast_to(np.arange(s, s + sc.shape[1]), sc.shape)
-        all_s, all_i = np.concatenate([best_s, sc], 1), np.concatenate([best_i, ids], 1)
-        order = np.argsort(-all_s, axis=1, kind="stable")[:, :k]  # earlier (smaller) ids win ties
-        best_s, best_i = np.take_along_axis(all_s, order, 1), np.take_along_axis(all_i, order, 1)
-    return best_i
+        sc = q32 @ np.asarray(xb[s:s + block], np.float32).T  # (nq, b)
+        top = np.argpartition(-sc, m - 1, axis=1)[:, :m] if sc.shape[1] > m else \
+            np.broadcast_to(np.arange(sc.shape[1]), sc.shape)
+        cand_i.append(top + s)
+    cand = np.concatenate(cand_i, 1)  # (nq, blocks * m)
+    best = np.empty((len(xq), k), np.int64)
+    q64 = xq.astype(np.float64)
+    for j in range(len(xq)):
+        ids = np.unique(cand[j])
+        sc = np.asarray(xb[ids], np.float64) @ q64[j]
+        order = np.lexsort((ids, -sc))[:k]  # best score first, earlier (smaller) ids win ties
+        best[j] = ids[order]
+    return best
+
+
+def _rss() -> dict:
+    """This process's resident memory (MiB): anonymous (heap) and file-backed (memory maps)."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, val = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+            out[key] = int(val.split()[0]) / 1024
+    return out
+
+
+def bench_shared(n: int, folder: Path, xq: np.ndarray, exact: np.ndarray, work: Path, log=print) -> list[dict]:
+    """The shared-quantizer layout, built by the streaming builder and opened memory-mapped."""
+    from moonsearch.index.index_set import IndexSet
+    from moonsearch.index.stream import build_from_vectors
+
+    out = work / f"shared-{n}"
+    t = time.perf_counter()
+    if not (out / "manifest.json").exists():
+        rss0 = _rss()
+        rep = build_from_vectors(folder / "catalog.parquet", folder / "vectors.npy", out, log=log)
+        build = time.perf_counter() - t
+        atomic_write_json({"build_s": build, "report": rep, "rss_before": rss0, "rss_after": _rss()},
+                          out / "build.json")
+    info = json.loads((out / "build.json").read_text())
+    disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    index_disk = sum(f.stat().st_size for f in out.rglob("index.faiss"))
+    before = _rss()
+    t = time.perf_counter()
+    iset = IndexSet.load(out)
+    open_s = time.perf_counter() - t
+    after_open = _rss()
+    slugs = sorted(iset.categories)
+    cats = [iset.categories[s] for s in slugs]
+    ids_of = [np.array([int(x[1:]) for x in c.meta.column("item_id").to_pylist()]) for c in cats]
+    log(f"shared layout {cats[0].infos['factory']}: {n:,} items opened in {open_s:.2f}s")
+    centroids = np.stack([c.centroid for c in cats])
+    common = dict(n=n, factory=cats[0].infos["factory"], build_s=info["build_s"],
+                  bytes_per_vector=index_disk / n, disk_gb=disk / 1e9, open_s=open_s)
+
+    def search(p, route=None, only=None):
+        def run(q):
+            chosen = None
+            if route:
+                chosen = [set(r) for r in np.argsort(-(q @ centroids.T), axis=1)[:, :route].tolist()]
+            if only is not None:
+                chosen = [{only}] * len(q)
+            found = multi_search(cats, q, K, p, chosen)
+            ids = np.full((len(q), K), -1, np.int64)
+            for i, hits in enumerate(found):
+                for j, (_, c, r) in enumerate(hits):
+                    ids[i, j] = ids_of[c][r]
+            return ids
+        return run
+
+    rows = []
+    base = cats[0].params
+    for nprobe in NPROBES:
+        for rerank in (0, 8):
+            p = replace(base, nprobe=nprobe, rerank=rerank)
+            ids, p50, p99 = _timed_search(search(p), xq)
+            rows.append(dict(common, layout="shared quantizer", nprobe=nprobe, rerank=rerank,
+                             recall10=ann_recall(ids, exact), p50_ms=p50, p99_ms=p99))
+        log(f"shared nprobe {nprobe}: " + ", ".join(f"rr{r['rerank']} {r['recall10']:.3f}/{r['p50_ms']:.2f}ms"
+                                                   for r in rows[-2:]))
+    p = base
+    for route in (1, 3):
+        ids, p50, p99 = _timed_search(search(p, route), xq)
+        rows.append(dict(common, layout=f"shared quantizer, routed to {route}", nprobe=p.nprobe, rerank=p.rerank,
+                         recall10=ann_recall(ids, exact), p50_ms=p50, p99_ms=p99))
+    # filtered to the first query's nearest category: recall against exact within that category
+    c0 = int(np.argmax(xq[:1] @ centroids.T))
+    inside = ids_of[c0]
+    sub = exact_top_k(np.asarray(cats[c0].vectors), xq, K)  # rows of category c0
+    ids, p50, p99 = _timed_search(search(p, only=c0), xq)
+    rows.append(dict(common, layout="shared quantizer, filtered to 1 category", nprobe=p.nprobe, rerank=p.rerank,
+                     recall10=ann_recall(ids, inside[sub]), p50_ms=p50, p99_ms=p99))
+    served = _rss()
+    mem = dict(build_peak_rss_mib=info["rss_after"].get("VmHWM"), rss_before_open_mib=before.get("VmRSS"),
+               rss_after_open_mib=after_open.get("VmRSS"), rss_after_queries_mib=served.get("VmRSS"),
+               anon_after_queries_mib=served.get("RssAnon"), file_after_queries_mib=served.get("RssFile"),
+               pq_codes_mib=n * (cats[0].index.code_size + 8) / 2 ** 20)
+    for r in rows:
+        r.update(mem)
+    return rows
 
 
 def bench_size(n: int, dim: int, work: Path, log=print) -> list[dict]:
@@ -63,15 +166,24 @@ def bench_size(n: int, dim: int, work: Path, log=print) -> list[dict]:
     if not (folder / "catalog.parquet").exists():
         log(f"generating {n:,} vectors")
         generate_vectors(folder, n, dim=dim, n_queries=1000)
-    xb = load_npy(folder / "vectors.npy")
+    xb = load_npy(folder / "vectors.npy", mmap=True)
     xq = load_npy(folder / "queries.npy")
-    cats = pq.read_table(folder / "catalog.parquet", columns=["category"]).column("category").to_pylist()
-    leaf = np.array([c[-1] for c in cats])
     rows = []
 
     t = time.perf_counter()
-    exact = exact_top_k(xb, xq, K)  # the oracle: numpy brute force, batched, independent of faiss
+    exact_path = folder / "exact-top10.npy"
+    if exact_path.exists():
+        exact = np.load(exact_path)
+    else:
+        exact = exact_top_k(xb, xq, K)  # the oracle: numpy brute force, batched, independent of faiss
+        np.save(exact_path, exact)
     log(f"exact oracle in {time.perf_counter() - t:.1f}s")
+    rows.extend(bench_shared(n, folder, xq, exact, work, log))
+    if n > BIG:
+        return rows
+    xb = load_npy(folder / "vectors.npy")
+    cats = pq.read_table(folder / "catalog.parquet", columns=["category"]).column("category").to_pylist()
+    leaf = np.array([c[-1] for c in cats])
     t = time.perf_counter()
     flat = faiss.IndexFlatIP(dim)
     flat.add(xb)
@@ -113,7 +225,8 @@ def bench_size(n: int, dim: int, work: Path, log=print) -> list[dict]:
         for rerank in RERANKS:
             p = replace(fb.IndexParams(), nprobe=nprobe, rerank=rerank)
             ids, p50, p99 = _timed_search(per_category(p), xq)
-            rows.append(dict(n=n, layout="per-category", factory="/".join(factories), nprobe=nprobe, rerank=rerank,
+            rows.append(dict(n=n, layout="per-category, own quantizers", factory="/".join(factories), nprobe=nprobe,
+                             rerank=rerank,
                              recall10=ann_recall(ids, exact), p50_ms=p50, p99_ms=p99, build_s=build,
                              bytes_per_vector=mem))
         log(f"per-category nprobe {nprobe}: " + ", ".join(f"rr{r['rerank']} {r['recall10']:.3f}/{r['p50_ms']:.2f}ms"
@@ -121,7 +234,7 @@ def bench_size(n: int, dim: int, work: Path, log=print) -> list[dict]:
     for route in (1, 3):
         p = fb.IndexParams()
         ids, p50, p99 = _timed_search(per_category(p, route), xq)
-        rows.append(dict(n=n, layout=f"per-category, routed to {route}", factory="/".join(factories),
+        rows.append(dict(n=n, layout=f"per-category own quantizers, routed to {route}", factory="/".join(factories),
                          nprobe=p.nprobe, rerank=p.rerank, recall10=ann_recall(ids, exact), p50_ms=p50,
                          p99_ms=p99, build_s=build, bytes_per_vector=mem))
 
@@ -147,6 +260,15 @@ def markdown(rows: list[dict]) -> str:
     out = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
     for r in rows:
         out.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    mem = {r["n"]: r for r in rows if "open_s" in r}
+    if mem:
+        keys = ["open_s", "disk_gb", "build_peak_rss_mib", "rss_after_open_mib", "rss_after_queries_mib",
+                "anon_after_queries_mib", "file_after_queries_mib", "pq_codes_mib"]
+        out += ["", "Shared layout, memory-mapped (RSS of the benchmark process; it also holds the queries "
+                "and the oracle):", "", "| n | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for n, r in sorted(mem.items()):
+            out.append(f"| {n} | " + " | ".join(f"{r[k]:.2f}" if isinstance(r.get(k), float) else str(r.get(k))
+                                              for k in keys) + " |")
     return "\n".join(out) + "\n"
 
 

@@ -1,13 +1,17 @@
 """One category's index folder, self-describing::
 
-    index.faiss        the FAISS index (ids = ``seq`` numbers)
+    index.faiss        the FAISS index (ids = ``(code << 40) | seq``; code 0 before the shared layout)
     vectors.npy        (n, d) float16 embeddings, row i <-> meta row i (rebuilds and exact re-rank)
-    meta.parquet       seq, item_id, title, category, attributes (JSON), group_id, images, extra (JSON)
-    index_infos.json   factory string, params, metric, count, dim, encoder name and fingerprint
+    meta.arrow         seq, item_id, title, category, attributes (JSON), group_id, images, extra (JSON), an
+                       uncompressed Arrow IPC file, memory-mapped on load (folders written before it have
+                       meta.parquet, which still loads)
+    index_infos.json   factory string, params, metric, count, dim, encoder name and fingerprint, category code,
+                       shared quantizer id (index/shared.py) when the set shares one
     lexical.npz        BM25 term frequencies of title, category path and attribute values (index/lexical.py)
 
 A folder is written under a temporary name and swapped in whole, so a crash never leaves a
-half-written index that loads.
+half-written index that loads. Loaded indices are memory-mapped (IVF lists, vectors, metadata): opening
+is instant and RAM holds what queries touch. Appends and deletes work on a private copy read from disk.
 """
 from __future__ import annotations
 
@@ -41,10 +45,13 @@ class IndexMismatch(UserError):
 
 class CategoryIndex:
     def __init__(self, path: Path, infos: dict, index: faiss.Index, vectors: np.ndarray, meta: pa.Table,
-                 lexical=None):
+                 lexical=None, mapped: bool = False):
         self.path, self.infos, self.index, self.vectors, self.meta = path, infos, index, vectors, meta
         self._lexical = lexical
+        self._mapped = mapped  # the faiss index is a read-only memory map of index.faiss
+        self.shared = None  # the set's SharedQuantizer, when this category's index is a copy of its template
         self.seq = meta.column("seq").to_numpy()
+        self.code = int(infos.get("code", 0))
         self.params = fb.IndexParams(**infos["params"])
         self._active = self.params  # the knobs the faiss index is configured with now
         fb.configure(self.index, self.params)
@@ -52,39 +59,50 @@ class CategoryIndex:
     # ---- building ----------------------------------------------------------------------------
     @classmethod
     def build(cls, vectors: np.ndarray, meta: pa.Table, params: fb.IndexParams, encoder: dict,
-              cat_path: list[str], path: Path | None = None) -> "CategoryIndex":
-        """Build the index over ``vectors`` (n, d) in memory (``save`` writes it)."""
+              cat_path: list[str], path: Path | None = None, shared=None, code: int = 0) -> "CategoryIndex":
+        """Build the index over ``vectors`` (n, d) in memory (``save`` writes it); with ``shared`` (a
+        SharedQuantizer) the index is a copy of its template holding these items, ids tagged with ``code``."""
         assert vectors.ndim == 2 and len(vectors) == meta.num_rows, (vectors.shape, meta.num_rows)
         vec16 = np.ascontiguousarray(vectors, dtype=np.float16)
-        factory = fb.choose_factory(len(vec16), vec16.shape[1], params)
+        seq = meta.column("seq").to_numpy()
         t0 = time.time()
-        index = fb.build(vec16.astype(np.float32), meta.column("seq").to_numpy(), factory, params)
+        if shared is not None:
+            factory = shared.factory
+            index = shared.empty()
+            index.add_with_ids(vec16.astype(np.float32), fb.faiss_ids(code, seq))
+        else:
+            factory = fb.choose_factory(len(vec16), vec16.shape[1], params)
+            index = fb.build(vec16.astype(np.float32), fb.faiss_ids(code, seq), factory, params)
         infos = {
             "factory": factory, "metric": "inner_product", "count": int(len(vec16)), "dim": int(vec16.shape[1]),
             "params": params.to_dict(), "encoder": encoder, "category": cat_path,
             "build_seconds": round(time.time() - t0, 3),
             "next_seq": int(meta.column("seq").to_numpy().max(initial=-1)) + 1,
-            "faiss_version": faiss.__version__,
+            "faiss_version": faiss.__version__, "code": int(code),
         }
-        return cls(path, infos, index, vec16, meta)
+        if shared is not None:
+            infos["shared"] = shared.id
+        built = cls(path, infos, index, vec16, meta)
+        built.shared = shared
+        return built
 
     @classmethod
     def write(cls, path: Path, vectors: np.ndarray, meta: pa.Table, params: fb.IndexParams, encoder: dict,
-              cat_path: list[str]) -> "CategoryIndex":
+              cat_path: list[str], shared=None, code: int = 0) -> "CategoryIndex":
         """Build and write the folder atomically; returns the loaded (memory-mapped) index."""
-        built = cls.build(vectors, meta, params, encoder, cat_path, path)
+        built = cls.build(vectors, meta, params, encoder, cat_path, path, shared, code)
         built.path = path
         return built._rewrite(built.vectors, built.meta)
 
     @classmethod
-    def load(cls, path: Path, mmap: bool = True) -> "CategoryIndex":
+    def load(cls, path: Path, mmap: bool = True, shared=None) -> "CategoryIndex":
         infos_path = path / "index_infos.json"
         if not infos_path.exists():
             raise IndexMismatch(f"{path}: no index_infos.json (incomplete or not an index folder)")
         infos = json.loads(infos_path.read_text())
-        index = faiss.read_index(str(path / "index.faiss"))
+        index = fb.read(path / "index.faiss", mmap=mmap)
         vectors = load_npy(path / "vectors.npy", mmap=mmap)
-        meta = pq.read_table(path / "meta.parquet")
+        meta = read_meta(path, mmap)
         if not (index.ntotal == len(vectors) == meta.num_rows == infos["count"]):
             raise IndexMismatch(f"{path}: index ({index.ntotal}), vectors ({len(vectors)}), metadata "
                                 f"({meta.num_rows}) and index_infos.json ({infos['count']}) disagree")
@@ -95,7 +113,14 @@ class CategoryIndex:
             lexical = lexmod.CategoryTerms.load(path / lexmod.FILE)
             if lexical.n != meta.num_rows:
                 raise IndexMismatch(f"{path}: {lexmod.FILE} has {lexical.n} rows, the metadata {meta.num_rows}")
-        return cls(path, infos, index, vectors, meta, lexical)
+        if infos.get("shared"):
+            if shared is None or shared.id != infos["shared"]:
+                raise IndexMismatch(f"{path}: built on the shared quantizer {infos['shared']}, which the index "
+                                    f"set does not have (found {shared.id if shared else 'none'}); rebuild the index")
+            shared.attach(index)
+        loaded = cls(path, infos, index, vectors, meta, lexical, mapped=mmap)
+        loaded.shared = shared if infos.get("shared") else None
+        return loaded
 
     @property
     def lexical(self):
@@ -105,6 +130,17 @@ class CategoryIndex:
         return self._lexical
 
     # ---- changing ----------------------------------------------------------------------------
+    def _writable(self) -> faiss.Index:
+        """The faiss index, as a private in-memory copy if it is memory-mapped (faiss aborts the process
+        on a change to a mapped index)."""
+        if self._mapped:
+            self.index = fb.read(self.path / "index.faiss", mmap=False)
+            if self.shared is not None:
+                self.shared.attach(self.index)
+            fb.configure(self.index, self._active)
+            self._mapped = False
+        return self.index
+
     def append(self, vectors: np.ndarray, meta: pa.Table) -> "CategoryIndex":
         """Add rows without retraining (IVF keeps its quantisers; small indices are rebuilt)."""
         start = self.infos["next_seq"]
@@ -112,10 +148,11 @@ class CategoryIndex:
         all_vec = np.concatenate([np.asarray(self.vectors, np.float16), vectors.astype(np.float16)])
         all_meta = pa.concat_tables([self.meta.cast(META_SCHEMA), meta.cast(META_SCHEMA)])
         if self.infos["factory"].startswith("IVF"):
-            self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), meta.column("seq").to_numpy())
+            self._writable().add_with_ids(np.ascontiguousarray(vectors, np.float32),
+                                          fb.faiss_ids(self.code, meta.column("seq").to_numpy()))
             return self._rewrite(all_vec, all_meta)
         return CategoryIndex.write(self.path, all_vec, all_meta, self.params, self.infos["encoder"],
-                                   self.infos["category"])
+                                   self.infos["category"], code=self.code)
 
     def delete(self, item_ids: set[str]) -> tuple["CategoryIndex | None", int]:
         """Remove rows whose item_id is in ``item_ids``; returns (new index or None if empty, removed)."""
@@ -130,14 +167,14 @@ class CategoryIndex:
         vec = np.asarray(self.vectors, np.float16)[keep]
         meta = self.meta.filter(pa.array(keep))
         if fb.supports_remove(self.index):
-            self.index.remove_ids(np.ascontiguousarray(self.seq[~keep], np.int64))
+            self._writable().remove_ids(np.ascontiguousarray(fb.faiss_ids(self.code, self.seq[~keep])))
             return self._rewrite(vec, meta), removed
         return CategoryIndex.write(self.path, vec, meta, self.params, self.infos["encoder"],
-                                   self.infos["category"]), removed
+                                   self.infos["category"], code=self.code), removed
 
     def _rewrite(self, vec16: np.ndarray, meta: pa.Table) -> "CategoryIndex":
         """Write index, vectors, metadata and infos to a new folder and swap it in."""
-        blob = fb.serialize(self.index)
+        blob = self.shared.serialize(self.index) if self.shared is not None else fb.serialize(self.index)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         infos = dict(self.infos, count=int(len(vec16)), index_bytes=len(blob),
                      bytes_per_vector=len(blob) / max(1, len(vec16)),
@@ -147,13 +184,15 @@ class CategoryIndex:
         (tmp / "index.faiss").write_bytes(blob)
         with open(tmp / "vectors.npy", "wb") as f:
             np.save(f, np.ascontiguousarray(vec16, np.float16), allow_pickle=False)
-        pq.write_table(meta.cast(META_SCHEMA), tmp / "meta.parquet")
+        write_meta(meta, tmp)
         lexmod.CategoryTerms.build(lexmod.meta_texts(meta)).save(tmp / lexmod.FILE)
         atomic_write_json(infos, tmp / "index_infos.json")
         os.chmod(tmp, 0o755)
-        self.vectors = None  # release the memory map before the folder is swapped
+        self.vectors = None  # release the memory maps before the folder is swapped
+        self.meta = None
         swap_in_dir(tmp, self.path)
-        return CategoryIndex.load(self.path)
+        loaded = CategoryIndex.load(self.path, shared=self.shared)
+        return loaded
 
     # ---- searching ---------------------------------------------------------------------------
     @property
@@ -175,8 +214,17 @@ class CategoryIndex:
         if n == 0:
             return np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64)
         D, I = self.index.search(np.ascontiguousarray(xq, np.float32), n)
-        rows = np.where(I >= 0, np.searchsorted(self.seq, np.maximum(I, 0)), -1)
-        return D, rows
+        return D, self.rows_of(I)
+
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """faiss ids -> rows of ``meta`` (-1 stays -1)."""
+        return np.where(ids >= 0, np.searchsorted(self.seq, np.maximum(ids, 0) & fb.ID_MASK), -1)
+
+    def dense(self) -> np.ndarray:
+        """All stored vectors as float32 (kept after the first call: meant for small categories)."""
+        if getattr(self, "_dense", None) is None or len(self._dense) != len(self.vectors):
+            self._dense = np.asarray(self.vectors, np.float32)
+        return self._dense
 
     def exact(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Exact inner products of one query (d,) with stored rows (m,) -> (m,)."""
@@ -203,6 +251,19 @@ class CategoryIndex:
 
     def with_params(self, **changes) -> fb.IndexParams:
         return replace(self.params, **changes)
+
+
+def write_meta(meta: pa.Table, folder: Path) -> None:
+    """meta.arrow: an uncompressed Arrow IPC file, so a load maps it instead of decoding it."""
+    with pa.OSFile(str(folder / "meta.arrow"), "wb") as f, pa.ipc.new_file(f, META_SCHEMA) as w:
+        w.write_table(meta.cast(META_SCHEMA))
+
+
+def read_meta(folder: Path, mmap: bool = True) -> pa.Table:
+    if (folder / "meta.arrow").exists():
+        src = pa.memory_map(str(folder / "meta.arrow")) if mmap else pa.OSFile(str(folder / "meta.arrow"))
+        return pa.ipc.open_file(src).read_all()
+    return pq.read_table(folder / "meta.parquet")  # folders written before meta.arrow
 
 
 def _centroid(vec16: np.ndarray) -> np.ndarray:

@@ -24,10 +24,34 @@ class IndexParams:
     hnsw_m: int = 32
     ef_search: int = 128
     rerank: int = 8  # exact re-rank of the best rerank*k candidates from stored vectors (0: off)
-    train_size: int = 100_000  # training sample cap
+    train_size: int = 100_000  # training sample cap (IVF coarse training takes at least 39 points per list)
+    # an index set built with at least this many items shares ONE coarse quantizer and PQ codebook across
+    # its categories (index/shared.py): an all-category search then costs what one global index costs
+    shared_from: int = 20_000
+    # a search restricted to shared-layout categories holding fewer items than this in all scans their
+    # stored vectors exactly (a small category's items are spread thin over the shared lists)
+    exact_scan_below: int = 4096
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# faiss ids are (category code << ID_BITS) | seq, so one search over several categories' inverted lists
+# tells which category each hit came from (code 0: folders from before the shared layout)
+ID_BITS = 40
+ID_MASK = (1 << ID_BITS) - 1
+
+
+def faiss_ids(code: int, seq: np.ndarray) -> np.ndarray:
+    return (np.int64(code) << ID_BITS) | np.asarray(seq, np.int64)
+
+
+def read(path, mmap: bool = True) -> faiss.Index:
+    """Read an index file; IVF inverted lists are memory-mapped (read-only) with ``mmap``, so opening is
+    instant and only the lists a query touches are paged in."""
+    if mmap:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+    return faiss.read_index(str(path))
 
 
 def _pow2_at_most(x: float) -> int:
@@ -40,6 +64,12 @@ def pq_m(d: int, budget: float) -> int:
         if d % m == 0 and (d // m) <= 64:
             return m
     return 1
+
+
+def train_points(factory: str, n: int, p: IndexParams) -> int:
+    """Training sample size: the cap, raised to 39 points per IVF list, at most n."""
+    nlist = int(factory.split(",")[0][3:]) if factory.startswith("IVF") else 0
+    return min(n, max(p.train_size, 39 * nlist))
 
 
 def choose_factory(n: int, d: int, p: IndexParams) -> str:
@@ -68,7 +98,8 @@ def build(xb: np.ndarray, ids: np.ndarray, factory: str, p: IndexParams, seed: i
         work = faiss.index_cpu_to_all_gpus(index)
     if not index.is_trained:
         rng = np.random.default_rng(seed)
-        sample = xb if len(xb) <= p.train_size else xb[np.sort(rng.choice(len(xb), p.train_size, replace=False))]
+        m = train_points(factory, len(xb), p)
+        sample = xb if len(xb) <= m else xb[np.sort(rng.choice(len(xb), m, replace=False))]
         work.train(sample)
     work.add_with_ids(xb, np.ascontiguousarray(ids, dtype=np.int64))
     if work is not index:

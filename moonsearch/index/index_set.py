@@ -1,7 +1,9 @@
 """A folder of per-category indices (the embedding cache beside them is the indexer's,
 ``moonsearch.indexer.cache``)::
 
-    manifest.json            encoder (name, dim, fingerprint), level, params, categories, catalog
+    manifest.json            encoder (name, dim, fingerprint), level, params, categories, catalog, shared
+    quantizer/               the coarse quantizer + PQ codebook all categories share (shared.py; sets
+                             built with at least IndexParams.shared_from items)
     categories/<slug>/       one CategoryIndex per category (see category.py)
     embeddings/<fingerprint>/shard-*.npz   cached item embeddings keyed by content hash
     rejects.jsonl            rows and images that were reported and skipped
@@ -17,6 +19,7 @@ from pathlib import Path
 
 
 from moonsearch.index.category import CategoryIndex, IndexMismatch
+from moonsearch.index.shared import SharedQuantizer
 from moonsearch.utils.io import atomic_write_json
 from moonsearch.errors import MissingFile
 
@@ -34,8 +37,9 @@ def category_key(path: list[str], level: int | None) -> list[str]:
 
 
 class IndexSet:
-    def __init__(self, root: Path, manifest: dict, categories: dict[str, CategoryIndex]):
-        self.root, self.manifest, self.categories = root, manifest, categories
+    def __init__(self, root: Path, manifest: dict, categories: dict[str, CategoryIndex],
+                 shared: SharedQuantizer | None = None):
+        self.root, self.manifest, self.categories, self.shared = root, manifest, categories, shared
 
     @property
     def encoder(self) -> dict:
@@ -49,12 +53,16 @@ class IndexSet:
             raise MissingFile(f"{root}: not a moonsearch index (no manifest.json); build one with "
                                     "'moonsearch index catalog.parquet --out DIR'")
         manifest = json.loads(mpath.read_text())
+        shared = SharedQuantizer.load(root) if manifest.get("shared") else None
+        if manifest.get("shared") and (shared is None or shared.id != manifest["shared"]["id"]):
+            raise IndexMismatch(f"{root}: the manifest names shared quantizer {manifest['shared']['id']}, but "
+                                f"{root / 'quantizer'} is {'missing' if shared is None else shared.id}; rebuild the index")
         cats = {}
         for slug in manifest["categories"]:
-            cats[slug] = CategoryIndex.load(root / "categories" / slug)
+            cats[slug] = CategoryIndex.load(root / "categories" / slug, shared=shared)
             if cats[slug].infos["encoder"]["fingerprint"] != manifest["encoder"]["fingerprint"]:
                 raise IndexMismatch(f"{root / 'categories' / slug}: built by another encoder than the manifest's")
-        return cls(root, manifest, cats)
+        return cls(root, manifest, cats, shared)
 
     def check_encoder(self, encoder_info: dict) -> None:
         mine = self.encoder
@@ -75,8 +83,14 @@ class IndexSet:
             slug: {"path": c.infos["category"], "count": c.infos["count"], "factory": c.infos["factory"]}
             for slug, c in sorted(self.categories.items())}
         self.manifest["count"] = sum(c.infos["count"] for c in self.categories.values())
+        if self.shared is not None:
+            self.manifest["shared"] = self.shared.infos
         self.manifest["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         atomic_write_json(self.manifest, self.root / "manifest.json")
+
+    def next_code(self) -> int:
+        """A category code no category of this set uses (faiss ids carry it; see faiss_backend.ID_BITS)."""
+        return 1 + max((c.code for c in self.categories.values()), default=0)
 
     @property
     def count(self) -> int:

@@ -5,6 +5,12 @@ merged by their index scores, the best rerank*k overall are rescored exactly fro
 (only PQ candidates need it: Flat and HNSW scores are already exact), and the top k are returned.
 Re-ranking the global shortlist instead of every category's costs 1/C of the exact work for C
 categories, at the same recall.
+
+Categories that share one coarse quantizer (index/shared.py) are not searched one by one: the queries
+that want the same group of them run ONE IVF search over the group's stacked inverted lists, so an
+all-category search costs what one global index costs. A group holding fewer than
+``exact_scan_below`` items in all (a filter or a route to small categories) is scanned exactly from the
+stored vectors instead: its few items are spread thin over the shared lists.
 """
 from __future__ import annotations
 
@@ -26,7 +32,12 @@ def multi_search(cats: Sequence[CategoryIndex], xq: np.ndarray, k: int, params: 
     chosen = chosen if chosen is not None else [range(len(cats))] * nq
     per_q: list[list[tuple[np.ndarray, np.ndarray, int]]] = [[] for _ in range(nq)]
     rerank = 0
+    shared = [c for c, ci in enumerate(cats) if ci.shared is not None]
+    if shared:
+        rerank = max(rerank, _search_shared(cats, shared, xq, k, params, chosen, per_q))
     for c, ci in enumerate(cats):
+        if ci.shared is not None:
+            continue
         qi = [q for q in range(nq) if c in chosen[q]]
         if not qi:
             continue
@@ -45,7 +56,7 @@ def multi_search(cats: Sequence[CategoryIndex], xq: np.ndarray, k: int, params: 
             continue
         D = np.concatenate([d for d, _, _ in per_q[q]])
         R = np.concatenate([r for _, r, _ in per_q[q]])
-        C = np.concatenate([np.full(len(r), c) for _, r, c in per_q[q]])
+        C = np.concatenate([np.broadcast_to(c, len(r)) for _, r, c in per_q[q]])
         m = min(len(D), k * max(1, rerank))
         top = np.argpartition(-D, m - 1)[:m] if m < len(D) else np.arange(len(D))
         D, R, C = D[top].astype(np.float32), R[top], C[top]
@@ -56,3 +67,45 @@ def multi_search(cats: Sequence[CategoryIndex], xq: np.ndarray, k: int, params: 
         order = np.argsort(-D, kind="stable")[:k]
         out.append([(float(D[i]), int(C[i]), int(R[i])) for i in order])
     return out
+
+
+def _search_shared(cats, shared: list[int], xq: np.ndarray, k: int, params, chosen, per_q) -> int:
+    """The shared-quantizer categories: one stacked IVF search per group of categories that queries want
+    (or an exact scan of a small group); appends (scores, rows, category position) to ``per_q``; returns
+    the re-rank factor used."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for q in range(len(xq)):
+        want = chosen[q]
+        key = tuple(c for c in shared if c in want)
+        if key:
+            groups.setdefault(key, []).append(q)
+    rerank = 0
+    for key, qs in groups.items():
+        members = [cats[c] for c in key]
+        p = params or members[0].params
+        n = k * p.rerank if p.rerank > 0 else k
+        if sum(m.index.ntotal for m in members) < p.exact_scan_below:
+            for c, m in zip(key, members):
+                if m.index.ntotal == 0:
+                    continue
+                sc = m.dense() @ xq[qs].astype(np.float32).T  # (rows, nq), exact
+                top = min(k, len(sc))
+                for j, q in enumerate(qs):
+                    r = np.argpartition(-sc[:, j], top - 1)[:top] if top < len(sc) else np.arange(len(sc))
+                    per_q[q].append((sc[r, j], r, c))
+            continue
+        rerank = max(rerank, p.rerank)
+        D, I = members[0].shared.search([m.index for m in members], xq[qs], n, p.nprobe)
+        by_code = {m.code: (c, m) for c, m in zip(key, members)}
+        codes = np.where(I >= 0, I >> fb.ID_BITS, -1)
+        rows = np.full(I.shape, -1, np.int64)
+        cpos = np.full(I.shape, -1, np.int64)
+        for code in np.unique(codes[codes >= 0]):
+            c, m = by_code[int(code)]
+            hit = codes == code
+            rows[hit] = m.rows_of(I[hit])
+            cpos[hit] = c
+        for j, q in enumerate(qs):
+            ok = rows[j] >= 0
+            per_q[q].append((D[j][ok], rows[j][ok], cpos[j][ok]))
+    return rerank

@@ -27,6 +27,7 @@ from moonsearch.data.images import fingerprint, load_images, resolve_path
 from moonsearch.index.category import CategoryIndex
 from moonsearch.index.faiss_backend import IndexParams
 from moonsearch.index.index_set import IndexSet, category_key, new_manifest, slugify
+from moonsearch.index.shared import SharedQuantizer
 from moonsearch.indexer.cache import EmbeddingCache
 from moonsearch.models.base import DEFAULT_ENCODER, Encoder, Product, create_encoder
 from moonsearch.utils.io import append_jsonl
@@ -231,16 +232,25 @@ def run_index(job: IndexJob, encoder: Encoder | None = None,
         index_set = existing
     else:
         index_set = IndexSet(out, new_manifest(info, level, params.to_dict(), str(catalog.resolve())), {})
+    if not existing and len(usable) >= params.shared_from:  # one coarse quantizer for all categories
+        factory, n_train = SharedQuantizer.plan(len(usable), info["dim"], params)
+        pick = np.sort(np.random.default_rng(0).choice(len(usable), n_train, replace=False))
+        index_set.shared = SharedQuantizer.train(np.stack([cache.get(usable[i][1]) for i in pick]).astype(np.float32),
+                                                 len(usable), params)
+        index_set.shared.save(out)
     for slug, (path, recs, ks) in sorted(groups.items()):
         vecs = np.stack([cache.get(k) for k in ks])  # (n, d) float16
         meta = _meta_table(recs, base)
         if slug in index_set.categories:
             index_set.categories[slug] = index_set.categories[slug].append(vecs, meta)
         else:
-            index_set.categories[slug] = CategoryIndex.write(cats_dir / slug, vecs, meta, params, info, path)
+            index_set.categories[slug] = CategoryIndex.write(cats_dir / slug, vecs, meta, params, info, path,
+                                                             shared=index_set.shared, code=index_set.next_code())
     if not existing and cats_dir.exists():  # a full rebuild drops categories the catalog no longer has
         import shutil
 
+        if index_set.shared is None:  # and a quantizer left by an earlier build of the same folder
+            shutil.rmtree(out / "quantizer", ignore_errors=True)
         for d in cats_dir.iterdir():
             if d.is_dir() and d.name not in index_set.categories:
                 shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,146 @@
+"""One coarse quantizer and PQ codebook shared by every category of an index set (the layout of sets built
+with at least ``IndexParams.shared_from`` items)::
+
+    quantizer/template.faiss   a trained, empty IVF-PQ index: the coarse centroids and the PQ codebook
+    quantizer/infos.json       factory, dimension, training points, id (a hash of template.faiss)
+
+A category's ``index.faiss`` holds an empty stand-in instead of the centroids (``serialize``): on load the
+shared quantizer is attached (``attach``), so the centroids are stored and held in RAM once.
+
+Each category's ``index.faiss`` is a copy of the template holding only that category's items, with faiss ids
+``(category code << 40) | seq``. Because every category quantises against the same centroids, list ``l`` of
+the whole set is the concatenation of list ``l`` of each category: a search over any group of categories is
+ONE IVF search whose inverted lists are faiss's ``HStackInvertedLists`` over theirs (no copy; the coarse
+search runs once, and exactly the lists a single global index would visit are scanned). Per-category folders
+stay what they were: filters, per-category rebuilds, appends and deletes work on one category at a time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import faiss
+import numpy as np
+
+from moonsearch.index import faiss_backend as fb
+from moonsearch.utils.io import atomic_write_json, swap_in_dir
+
+FOLDER = "quantizer"
+
+
+class SharedQuantizer:
+    def __init__(self, template: faiss.Index, infos: dict, path: Path | None = None):
+        self.template, self.infos, self.path = template, infos, path
+        self.ivf = faiss.extract_index_ivf(template)
+        self._views: OrderedDict[tuple, tuple] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def id(self) -> str:
+        return self.infos["id"]
+
+    @property
+    def factory(self) -> str:
+        return self.infos["factory"]
+
+    @staticmethod
+    def plan(n_total: int, d: int, params: fb.IndexParams) -> tuple[str, int]:
+        """(factory, training points) for a set of ``n_total`` items: the IVF-PQ rung of the size ladder."""
+        factory = fb.choose_factory(n_total, d, replace(params, flat_below=0, ivfpq_from=0))
+        return factory, fb.train_points(factory, n_total, params)
+
+    @classmethod
+    def train(cls, sample: np.ndarray, n_total: int, params: fb.IndexParams, seed: int = 0) -> "SharedQuantizer":
+        """Train the template on ``sample`` (rows drawn from the whole set, ``plan``'s size) for ``n_total``
+        items."""
+        sample = np.ascontiguousarray(sample, np.float32)
+        d = sample.shape[1]
+        factory, _ = cls.plan(n_total, d, params)
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.seed = seed
+        index.train(sample)
+        blob = fb.serialize(index)
+        infos = {"factory": factory, "dim": d, "metric": "inner_product", "trained_on": int(len(sample)),
+                 "for_items": int(n_total), "id": hashlib.sha1(blob).hexdigest()[:16],
+                 "faiss_version": faiss.__version__}
+        return cls(fb.deserialize(blob), infos)
+
+    def save(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{FOLDER}-", dir=root))
+        faiss.write_index(self.template, str(tmp / "template.faiss"))
+        atomic_write_json(self.infos, tmp / "infos.json")
+        swap_in_dir(tmp, root / FOLDER)
+        self.path = root / FOLDER
+
+    @classmethod
+    def load(cls, root: Path) -> "SharedQuantizer | None":
+        folder = Path(root) / FOLDER
+        if not (folder / "infos.json").exists():
+            return None
+        return cls(faiss.read_index(str(folder / "template.faiss")), json.loads((folder / "infos.json").read_text()),
+                   folder)
+
+    def attach(self, index: faiss.Index) -> faiss.Index:
+        """Point a category index read from disk at the shared coarse quantizer (its file holds an empty
+        stand-in, see ``serialize``)."""
+        ivf = faiss.extract_index_ivf(index)
+        ivf.quantizer = self.ivf.quantizer
+        ivf.own_fields = False
+        return index
+
+    def serialize(self, index: faiss.Index) -> bytes:
+        """A category index's bytes without the coarse centroids (every category shares them): an empty
+        flat quantizer stands in, and ``attach`` restores the shared one on load."""
+        ivf = faiss.extract_index_ivf(index)
+        real, stand_in = ivf.quantizer, faiss.IndexFlatIP(ivf.d)
+        ivf.quantizer = stand_in
+        try:
+            return fb.serialize(index)
+        finally:
+            ivf.quantizer = real
+
+    def empty(self) -> faiss.Index:
+        """A fresh trained, empty copy of the template (a new category's index)."""
+        return faiss.clone_index(self.template)
+
+    # ---- searching several categories as one index --------------------------------------------------
+    def view(self, indices: Sequence[faiss.Index]) -> faiss.Index:
+        """An IVF-PQ index over the concatenated inverted lists of ``indices`` (cached per group)."""
+        key = tuple(id(ix) for ix in indices)
+        with self._lock:
+            hit = self._views.get(key)
+            if hit is not None:
+                self._views.move_to_end(key)
+                return hit[0]
+        t = faiss.downcast_index(self.ivf)
+        view = faiss.IndexIVFPQ(t.quantizer, t.d, t.nlist, t.pq.M, t.pq.nbits, t.metric_type)
+        view.pq = t.pq
+        view.by_residual = t.by_residual
+        view.is_trained = True
+        lists = faiss.InvertedListsPtrVector()
+        ivfs = [faiss.extract_index_ivf(ix) for ix in indices]
+        for ivf in ivfs:
+            lists.push_back(ivf.invlists)
+        stacked = faiss.HStackInvertedLists(lists.size(), lists.data())
+        view.replace_invlists(stacked, False)
+        view.ntotal = sum(ix.ntotal for ix in indices)
+        with self._lock:  # the entry keeps the category indices (and so their lists) alive with the view
+            self._views[key] = (view, stacked, lists, list(indices), ivfs)
+            while len(self._views) > 32:
+                self._views.popitem(last=False)
+        return view
+
+    def search(self, indices: Sequence[faiss.Index], xq: np.ndarray, n: int, nprobe: int):
+        """-> (scores (nq, n) approximate, faiss ids (nq, n), -1 = none)."""
+        view = self.view(indices)
+        n = min(n, max(1, view.ntotal))
+        params = faiss.SearchParametersIVF(nprobe=min(nprobe, view.nlist))
+        return view.search(np.ascontiguousarray(xq, np.float32), n, params=params)

@@ -1,0 +1,195 @@
+"""The shared-quantizer layout (index/shared.py) against an exact oracle: unrouted, routed and filtered
+searches, appends and deletes, memory-mapped loading, the streaming builder's resume and bad rows, and the
+indexer choosing the layout for large sets."""
+import json
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from moonsearch.data.synthetic import generate_vectors
+from moonsearch.eval.metrics import ann_recall
+from moonsearch.index import faiss_backend as fb
+from moonsearch.index.category import IndexMismatch
+from moonsearch.index.index_set import IndexSet
+from moonsearch.index.multi import multi_search
+from moonsearch.index.stream import build_from_vectors
+
+
+def _exact(xb, xq, k, allowed=None):
+    sc = xq.astype(np.float64) @ np.asarray(xb, np.float64).T
+    if allowed is not None:
+        sc[:, ~allowed] = -np.inf
+    return np.argsort(-sc, axis=1, kind="stable")[:, :k]
+
+
+def _ids(found, cats):
+    rows = [np.array([int(x[1:]) for x in c.meta.column("item_id").to_pylist()]) for c in cats]
+    out = np.full((len(found), 10), -1)
+    for i, hits in enumerate(found):
+        for j, (_, c, r) in enumerate(hits):
+            out[i, j] = rows[c][r]
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vectors")
+    generate_vectors(folder, 6000, dim=64, n_queries=60)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shared") / "index"
+    rep = build_from_vectors(world / "catalog.parquet", world / "vectors.npy", out, chunk=1000, log=lambda m: None)
+    return out, rep
+
+
+def test_unrouted_routed_and_filtered_search_match_exact(world, built):
+    out, rep = built
+    xb, xq = np.load(world / "vectors.npy"), np.load(world / "queries.npy")
+    iset = IndexSet.load(out)
+    assert (out / "quantizer" / "template.faiss").exists() and iset.manifest["shared"]["id"] == iset.shared.id
+    slugs = sorted(iset.categories)
+    cats = [iset.categories[s] for s in slugs]
+    assert all(c.shared is iset.shared and c._mapped for c in cats)  # memory-mapped, one quantizer
+    assert sum(c.index.ntotal for c in cats) == 6000 == rep["items"]
+    assert len({c.code for c in cats}) == len(cats)
+    # all categories, unrouted: one stacked search
+    assert ann_recall(_ids(multi_search(cats, xq, 10), cats), _exact(xb, xq, 10)) >= 0.95
+    # the stacked view returns what one global index over the same codes returns (raw PQ, no re-rank)
+    no_rr = replace(cats[0].params, rerank=0)
+    glob = iset.shared.empty()
+    for c in cats:  # the same codes, merged into one index
+        glob.merge_from(iset.shared.attach(fb.read(c.path / "index.faiss", mmap=False)), 0)
+    assert glob.ntotal == 6000
+    D, I = glob.search(xq, 10, params=__import__("faiss").SearchParametersIVF(nprobe=no_rr.nprobe))
+    found = multi_search(cats, xq, 10, no_rr)
+    for q in range(len(xq)):
+        ours = [fb.faiss_ids(cats[c].code, cats[c].seq[r]) for _, c, r in found[q]]
+        assert set(ours) == set(I[q][I[q] >= 0].tolist())
+    # routed to three categories: nothing from elsewhere, and the exact answer inside them
+    leaf = np.array([c[-1] for c in pq.read_table(world / "catalog.parquet").column("category").to_pylist()])
+    want = [0, 5, 9]
+    allowed = np.isin(leaf, [cats[c].infos["category"][-1] for c in want])
+    got = _ids(multi_search(cats, xq, 10, chosen=[set(want)] * len(xq)), cats)
+    assert allowed[got[got >= 0]].all()
+    assert ann_recall(got, _exact(xb, xq, 10, allowed)) >= 0.95
+    # a filter to one small category is scanned exactly: the exact answer over the stored (float16)
+    # vectors, in order
+    one = np.isin(leaf, [cats[3].infos["category"][-1]])
+    got = _ids(multi_search(cats, xq, 10, chosen=[{3}] * len(xq)), cats)
+    assert np.array_equal(got, _exact(xb.astype(np.float16), xq, 10, one))
+
+
+def test_append_and_delete_keep_the_shared_layout(world, built, tmp_path):
+    import shutil
+
+    out, _ = built
+    mine = tmp_path / "index"
+    shutil.copytree(out, mine)
+    iset = IndexSet.load(mine)
+    slug = sorted(iset.categories)[2]
+    cat = iset.categories[slug]
+    rng = np.random.default_rng(1)
+    new = rng.normal(size=(5, 64)).astype(np.float32)
+    new /= np.linalg.norm(new, axis=1, keepdims=True)
+    meta = pa.table({"seq": pa.array(np.zeros(5), pa.int64()), "item_id": [f"N{i}" for i in range(5)],
+                     "title": ["new"] * 5, "category": [cat.infos["category"]] * 5, "attributes": ["{}"] * 5,
+                     "group_id": [f"N{i}" for i in range(5)], "images": [[]] * 5, "extra": ["{}"] * 5})
+    iset.categories[slug] = cat.append(new, meta)  # a memory-mapped index: appended on a private copy
+    iset.write_manifest()
+    again = IndexSet.load(mine)
+    cats = [again.categories[s] for s in sorted(again.categories)]
+    for i, hits in enumerate(multi_search(cats, new, 1)):
+        _, c, r = hits[0]
+        assert cats[c].meta.column("item_id")[r].as_py() == f"N{i}"
+    assert again.delete({"N0", "N3"}) == 2
+    cats = [again.categories[s] for s in sorted(again.categories)]
+    ids = {cats[c].meta.column("item_id")[r].as_py() for hits in multi_search(cats, new, 3) for _, c, r in hits}
+    assert {"N1", "N2", "N4"} <= ids and not ids & {"N0", "N3"}
+    assert IndexSet.load(mine).count == 6000 + 3
+
+
+def test_category_from_another_quantizer_is_refused(built, tmp_path):
+    import shutil
+
+    out, _ = built
+    mine = tmp_path / "index"
+    shutil.copytree(out, mine)
+    infos = json.loads((mine / "manifest.json").read_text())
+    infos["shared"]["id"] = "0000000000000000"
+    (mine / "manifest.json").write_text(json.dumps(infos))
+    with pytest.raises(IndexMismatch, match="rebuild"):
+        IndexSet.load(mine)
+
+
+def test_streaming_build_resumes_and_reports_bad_rows(world, built, tmp_path):
+    cat = pq.read_table(world / "catalog.parquet")
+    vec = np.load(world / "vectors.npy")
+    ids = cat.column("item_id").to_pylist()
+    ids[7] = ids[3]  # a duplicate id
+    vec[11, 0] = np.nan  # a broken vector
+    pq.write_table(cat.set_column(0, "item_id", pa.array(ids)), tmp_path / "catalog.parquet")
+    np.save(tmp_path / "vectors.npy", vec)
+    out = tmp_path / "index"
+    calls = []
+
+    def progress(total):
+        def tick(n):
+            calls.append(n)
+            if len(calls) == 3:
+                raise KeyboardInterrupt  # interrupted after two chunks were encoded
+        return tick
+
+    with pytest.raises(KeyboardInterrupt):
+        build_from_vectors(tmp_path / "catalog.parquet", tmp_path / "vectors.npy", out, chunk=1000,
+                           log=lambda m: None, progress=progress)
+    assert len(list((out / ".build").glob("chunk-*.npz"))) == 3
+    calls.clear()
+    rep = build_from_vectors(tmp_path / "catalog.parquet", tmp_path / "vectors.npy", out, chunk=1000,
+                             log=lambda m: None)
+    assert rep["items"] == 5998 and rep["skipped"] == 2 and not (out / ".build").exists()
+    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    assert {(r["row"], r["field"]) for r in rejects} == {(7, "item_id"), (11, "vector")}
+    assert "duplicate of row 3" in rejects[0]["reason"] or "duplicate of row 3" in rejects[1]["reason"]
+    # the resumed build answers like the uninterrupted one
+    a, b = IndexSet.load(out), IndexSet.load(built[0])
+    xq = np.load(world / "queries.npy")
+    ca = [a.categories[s] for s in sorted(a.categories)]
+    cb = [b.categories[s] for s in sorted(b.categories)]
+    ra, rb = _ids(multi_search(ca, xq, 10), ca), _ids(multi_search(cb, xq, 10), cb)
+    assert (ra == rb).mean() > 0.98  # equal except where rows 7 and 11 were answers
+
+
+def test_indexer_uses_the_shared_layout_for_large_sets(tmp_path, clip_tiny):
+    from moonsearch.indexer.run import IndexJob, run_index
+    from moonsearch.search.service import SearchService
+
+    words = ["red", "blue", "green", "black", "white", "grey", "pink", "brown"]
+    things = ["sneaker", "boot", "sandal", "jacket", "shirt", "scarf"]
+    rows = [{"item_id": f"I{i}", "title": f"{words[i % 8]} {things[i % 6]} model {i}",
+             "category": ["apparel", things[i % 6] + "s"], "images": []} for i in range(1200)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "catalog.parquet")
+    params = fb.IndexParams(shared_from=1000)
+    run_index(IndexJob(tmp_path / "catalog.parquet", tmp_path / "index", model="clip-tiny", params=params),
+              encoder=clip_tiny)
+    iset = IndexSet.load(tmp_path / "index")
+    assert iset.shared is not None and all(c.shared is iset.shared for c in iset.categories.values())
+    svc = SearchService(tmp_path / "index", encoder=clip_tiny)
+    hits = [h.item_id for h in svc.search("blue boot model 1", k=5, mode="vector").hits]
+    q = clip_tiny.encode_queries([__import__("moonsearch.models.base", fromlist=["Query"]).Query("blue boot model 1")])[0]
+    everything = [(float(np.asarray(c.vectors[r], np.float32) @ q), c.meta.column("item_id")[r].as_py())
+                  for c in iset.categories.values() for r in range(c.index.ntotal)]
+    exact = [i for _, i in sorted(everything, reverse=True)[:5]]
+    assert len(set(hits) & set(exact)) >= 4, (hits, exact)
+    assert svc.search("blue boot model 1", k=1, mode="lexical").hits[0].item_id == "I1"
+    more = [{"item_id": "X1", "title": "orange umbrella deluxe", "category": ["apparel", "boots"], "images": []}]
+    pq.write_table(pa.Table.from_pylist(more), tmp_path / "more.parquet")
+    run_index(IndexJob(tmp_path / "more.parquet", tmp_path / "index", append=True), encoder=clip_tiny)
+    svc = SearchService(tmp_path / "index", encoder=clip_tiny)
+    assert svc.search("orange umbrella deluxe", k=3, mode="lexical").hits[0].item_id == "X1"
+    assert "X1" in [h.item_id for h in svc.search("orange umbrella deluxe", k=10, mode="vector").hits]

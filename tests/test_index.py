@@ -228,3 +228,23 @@ def test_search_service_over_ivfpq_categories_matches_exact_search(tmp_path):
     rough = svc.search_vectors(xq, k=10, params=replace(params, rerank=0))
     rough_recall = np.mean([len({h.item_id for h in row} & set(names[e])) / 10 for row, e in zip(rough, exact)])
     assert rough_recall < recall
+
+
+def test_folders_from_before_the_shared_layout_still_load(tmp_path):
+    """A category folder written before meta.arrow and category codes (meta.parquet, ids = seq) loads,
+    searches and takes appends as before."""
+    xb = structured_vectors(12_000, 32, seed=3)
+    ci = CategoryIndex.write(tmp_path / "c", xb, _meta(len(xb)), fb.IndexParams(nprobe=16), {"fingerprint": "x"},
+                             ["c"])
+    want = ci.search(xb[:20], 5)[1]
+    folder = tmp_path / "c"
+    pq.write_table(pa.ipc.open_file(pa.memory_map(str(folder / "meta.arrow"))).read_all(), folder / "meta.parquet")
+    (folder / "meta.arrow").unlink()
+    infos = json.loads((folder / "index_infos.json").read_text())
+    del infos["code"]
+    (folder / "index_infos.json").write_text(json.dumps(infos))
+    old = CategoryIndex.load(folder)
+    assert old.code == 0 and np.array_equal(old.search(xb[:20], 5)[1], want)
+    grown = old.append(xb[:3] * 0.5 + structured_vectors(3, 32, seed=9) * 0.5, _meta(3))
+    assert grown.index.ntotal == len(xb) + 3 and (folder / "meta.arrow").exists()
+    assert np.array_equal(grown.search(xb[:20], 5)[1][:, 0], want[:, 0])

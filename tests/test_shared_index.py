@@ -58,6 +58,7 @@ def test_unrouted_routed_and_filtered_search_match_exact(world, built):
     assert all(c.shared is iset.shared and c._mapped for c in cats)  # memory-mapped, one quantizer
     assert sum(c.index.ntotal for c in cats) == 6000 == rep["items"]
     assert len({c.code for c in cats}) == len(cats)
+    assert all(len(c.infos["centroid"]) == 64 for c in cats)  # routing needs no scan of the vectors
     # all categories, unrouted: one stacked search
     assert ann_recall(_ids(multi_search(cats, xq, 10), cats), _exact(xb, xq, 10)) >= 0.95
     # the stacked view returns what one global index over the same codes returns (raw PQ, no re-rank)

@@ -213,7 +213,10 @@ def build_from_vectors(catalog_path: Path, vectors_path: Path, out: Path, params
             "attributes": pa.array(["{}"] * k), "group_id": pc.take(table.column("item_id"), take),
             "images": pa.array([[]] * k, pa.list_(pa.string())), "extra": pa.array(["{}"] * k)}, schema=META_SCHEMA)
         write_meta(meta, folder)
-        infos = {"factory": shared.factory, "metric": "inner_product", "count": k, "dim": int(d),
+        vec = np.load(folder / "vectors.npy", mmap_mode="r")
+        mean = sum(np.asarray(vec[s:s + chunk], np.float64).sum(0) for s in range(0, k, chunk)) / k
+        infos = {"centroid": (mean / max(float(np.linalg.norm(mean)), 1e-12)).round(6).tolist(),
+                 "factory": shared.factory, "metric": "inner_product", "count": k, "dim": int(d),
                  "params": params.to_dict(), "encoder": encoder, "category": cat_path[c], "next_seq": k,
                  "faiss_version": faiss.__version__, "code": c + 1, "shared": shared.id,
                  "index_bytes": os.path.getsize(folder / "index.faiss"),

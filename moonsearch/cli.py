@@ -148,6 +148,10 @@ def index(
     device: Annotated[Optional[str], typer.Option(help="torch device (default: cuda if present)")] = None,
     vectors: Annotated[Optional[Path], typer.Option(help="precomputed embeddings (.npy, row i = catalog row i): "
                                                     "no encoder; streamed, never all in RAM; resumable")] = None,
+    ray: Annotated[Optional[str], typer.Option(help="embed and build on Ray: 'auto' (RAY_ADDRESS, else a local "
+                                               "Ray) or a cluster address HOST:PORT")] = None,
+    ray_actors: Annotated[Optional[int], typer.Option(help="encoder actors on Ray (default: one per GPU, "
+                                                      "else one per CPU)")] = None,
 ):
     """Embed a catalog and build one FAISS index per category (resumable; re-runs reuse embeddings)."""
     from moonsearch.index.faiss_backend import IndexParams
@@ -177,11 +181,16 @@ def index(
         at_least("--bytes-per-vector", bytes_per_vector)
     given = {k: v for k, v in dict(nprobe=nprobe, rerank=rerank, bytes_per_vector=bytes_per_vector).items()
              if v is not None}
+    at_least("--ray-actors", ray_actors)
     job = IndexJob(catalog, out, model, level, IndexParams(**given) if given else None, append, batch_size,
-                   device=device)
+                   device=device, ray=ray, ray_actors=ray_actors)
     with _progress("embedding") as prog:
         rep = run_index(job, progress=_with_progress(prog))
     remember_index(out)
+    if rep.ray:
+        console.print(f"Ray at {rep.ray['address']}: {rep.ray['cpus']:g} CPUs, {rep.ray['gpus']:g} GPUs"
+                      + (f"; {rep.ray['actors']} encoder actors, batch {rep.ray['batch_size']}" if "actors" in rep.ray
+                         else ""))
     console.print(f"indexed {rep.indexed} items into {rep.categories} categories at {out} "
                   f"(embedded {rep.embedded}, reused {rep.cached}; {rep.seconds['total']:.1f}s)")
     if rep.problems:
@@ -543,14 +552,16 @@ def bench_index(
     sizes: Annotated[list[int], typer.Option("--size", help="catalog sizes (vectors-only world)")] = [10_000, 100_000],
     dim: Annotated[int, typer.Option(help="vector dimension")] = 256,
     out: Annotated[Path, typer.Option(help="where JSON and markdown go")] = Path("bench-out"),
+    only_shared: Annotated[bool, typer.Option(help="the shared-quantizer layout alone")] = False,
 ):
-    """Per-category IVF-PQ vs exact search, a single flat and a single global IVF-PQ index."""
+    """The shared-quantizer layout and per-category IVF-PQ vs exact search, a single flat and a single
+    global IVF-PQ index."""
     from moonsearch.eval import index_bench
 
     for n in sizes:
         at_least("--size", n, 1000)
     at_least("--dim", dim, 8)
-    index_bench.main(sizes, dim, out, log=console.print)
+    index_bench.main(sizes, dim, out, log=console.print, only_shared=only_shared)
 
 
 @bench_app.command("zero-shot")

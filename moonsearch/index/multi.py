@@ -8,7 +8,8 @@ categories, at the same recall.
 
 Categories that share one coarse quantizer (index/shared.py) are not searched one by one: the queries
 that want the same group of them run ONE IVF search over the group's stacked inverted lists, so an
-all-category search costs what one global index costs. A group holding fewer than
+all-category search costs what one global index costs; a smaller group probes fewer lists, and only
+lists holding its items (SharedQuantizer.search). A group holding fewer than
 ``exact_scan_below`` items in all (a filter or a route to small categories) is scanned exactly from the
 stored vectors instead: its few items are spread thin over the shared lists.
 """
@@ -80,11 +81,13 @@ def _search_shared(cats, shared: list[int], xq: np.ndarray, k: int, params, chos
         if key:
             groups.setdefault(key, []).append(q)
     rerank = 0
+    everything = sum(cats[c].infos["count"] for c in shared)
     for key, qs in groups.items():
         members = [cats[c] for c in key]
         p = params or members[0].params
         n = k * p.rerank if p.rerank > 0 else k
-        if sum(m.index.ntotal for m in members) < p.exact_scan_below:
+        total = sum(m.infos["count"] for m in members)
+        if total < p.exact_scan_below:
             for c, m in zip(key, members):
                 if m.index.ntotal == 0:
                     continue
@@ -95,7 +98,8 @@ def _search_shared(cats, shared: list[int], xq: np.ndarray, k: int, params, chos
                     per_q[q].append((sc[r, j], r, c))
             continue
         rerank = max(rerank, p.rerank)
-        D, I = members[0].shared.search([m.index for m in members], xq[qs], n, p.nprobe)
+        share = total / max(1, everything)
+        D, I = members[0].shared.search([m.index for m in members], xq[qs], n, p.nprobe, share)
         by_code = {m.code: (c, m) for c, m in zip(key, members)}
         codes = np.where(I >= 0, I >> fb.ID_BITS, -1)
         rows = np.full(I.shape, -1, np.int64)

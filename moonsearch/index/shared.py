@@ -39,6 +39,7 @@ class SharedQuantizer:
         self.template, self.infos, self.path = template, infos, path
         self.ivf = faiss.extract_index_ivf(template)
         self._views: OrderedDict[tuple, tuple] = OrderedDict()
+        self._sizes: OrderedDict[int, tuple] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -112,14 +113,15 @@ class SharedQuantizer:
         return faiss.clone_index(self.template)
 
     # ---- searching several categories as one index --------------------------------------------------
-    def view(self, indices: Sequence[faiss.Index]) -> faiss.Index:
-        """An IVF-PQ index over the concatenated inverted lists of ``indices`` (cached per group)."""
+    def view(self, indices: Sequence[faiss.Index]):
+        """(IVF-PQ index over the concatenated inverted lists of ``indices``, ids of the lists that hold
+        any of their items or None when all do), cached per group."""
         key = tuple(id(ix) for ix in indices)
         with self._lock:
             hit = self._views.get(key)
             if hit is not None:
                 self._views.move_to_end(key)
-                return hit[0]
+                return hit[0], hit[1]
         t = faiss.downcast_index(self.ivf)
         view = faiss.IndexIVFPQ(t.quantizer, t.d, t.nlist, t.pq.M, t.pq.nbits, t.metric_type)
         view.pq = t.pq
@@ -132,15 +134,49 @@ class SharedQuantizer:
         stacked = faiss.HStackInvertedLists(lists.size(), lists.data())
         view.replace_invlists(stacked, False)
         view.ntotal = sum(ix.ntotal for ix in indices)
+        sizes = sum(self._list_sizes(ix, ivf) for ix, ivf in zip(indices, ivfs))
+        nonempty = None if (sizes > 0).all() else np.flatnonzero(sizes > 0).astype(np.int64)
+        sel = faiss.IDSelectorBatch(nonempty) if nonempty is not None else None
         with self._lock:  # the entry keeps the category indices (and so their lists) alive with the view
-            self._views[key] = (view, stacked, lists, list(indices), ivfs)
-            while len(self._views) > 32:
+            self._views[key] = (view, (nonempty, sel), stacked, lists, list(indices), ivfs)
+            while len(self._views) > 256:
                 self._views.popitem(last=False)
-        return view
+        return view, (nonempty, sel)
 
-    def search(self, indices: Sequence[faiss.Index], xq: np.ndarray, n: int, nprobe: int):
-        """-> (scores (nq, n) approximate, faiss ids (nq, n), -1 = none)."""
-        view = self.view(indices)
+    def _list_sizes(self, index: faiss.Index, ivf) -> np.ndarray:
+        """Items per inverted list of one category index (cached per index object)."""
+        key = id(index)
+        with self._lock:
+            hit = self._sizes.get(key)
+        if hit is not None and hit[0] is index:
+            return hit[1]
+        sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], np.int64)
+        with self._lock:
+            self._sizes[key] = (index, sizes)
+            while len(self._sizes) > 4096:
+                self._sizes.popitem(last=False)
+        return sizes
+
+    def search(self, indices: Sequence[faiss.Index], xq: np.ndarray, n: int, nprobe: int, share: float = 1.0):
+        """-> (scores (nq, n) approximate, faiss ids (nq, n), -1 = none).
+
+        ``share`` is the group's fraction of the set's items. A group probes ``nprobe * sqrt(share)`` lists
+        (at least 2): a category's own IVF of ~4 sqrt(n_c) lists probed ``nprobe`` times scans that fraction
+        of it, so a routed search costs what the per-category layout's did. And a group probes only lists
+        that hold its items: a filter to a category far from the query still finds that category's
+        nearest items."""
+        view, (nonempty, sel) = self.view(indices)
         n = min(n, max(1, view.ntotal))
-        params = faiss.SearchParametersIVF(nprobe=min(nprobe, view.nlist))
-        return view.search(np.ascontiguousarray(xq, np.float32), n, params=params)
+        probes = min(view.nlist, max(2, int(np.ceil(nprobe * np.sqrt(min(1.0, share))))))
+        xq = np.ascontiguousarray(xq, np.float32)
+        if nonempty is None:
+            return view.search(xq, n, params=faiss.SearchParametersIVF(nprobe=probes))
+        probes = min(probes, len(nonempty))
+        Dq, Iq = self.ivf.quantizer.search(xq, probes, params=faiss.SearchParameters(sel=sel))
+        D = np.empty((len(xq), n), np.float32)
+        I = np.empty((len(xq), n), np.int64)
+        params = faiss.SearchParametersIVF(nprobe=probes)  # per call: the view is shared between threads
+        view.search_preassigned_c(len(xq), faiss.swig_ptr(xq), n, faiss.swig_ptr(np.ascontiguousarray(Iq)),
+                                  faiss.swig_ptr(np.ascontiguousarray(Dq)), faiss.swig_ptr(D), faiss.swig_ptr(I),
+                                  False, params)
+        return D, I

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -88,7 +89,7 @@ def build_from_vectors(catalog_path: Path, vectors_path: Path, out: Path, params
                        progress: Callable[[int], Callable[[int], None]] | None = None) -> dict:
     """Build the index at ``out`` from a catalog and its row-aligned embeddings; see the module docstring."""
     t0 = time.time()
-    params = params or fb.IndexParams()
+    auto = params is None
     catalog_path, vectors_path, out = Path(catalog_path), Path(vectors_path), Path(out)
     vectors = np.load(vectors_path, mmap_mode="r")
     if vectors.ndim != 2 or vectors.dtype not in (np.float32, np.float16):
@@ -104,6 +105,7 @@ def build_from_vectors(catalog_path: Path, vectors_path: Path, out: Path, params
                         "the vectors must be the embedding of catalog row i")
     keep, problems = _problems(table, vectors, chunk)
     rows = np.flatnonzero(keep)
+    params = replace(fb.IndexParams(), rerank=fb.auto_rerank(len(rows))) if auto else params
     # category of every row: the path cut to `level`, one slug each
     paths = table.column("category") if "category" in cols else pa.nulls(n, pa.list_(pa.string()))
     joined = pc.binary_join(pc.fill_null(paths, pa.scalar([], pa.list_(pa.string()))), "\x1f")

@@ -233,6 +233,13 @@ def run_index(job: IndexJob, encoder: Encoder | None = None,
     else:
         index_set = IndexSet(out, new_manifest(info, level, params.to_dict(), str(catalog.resolve())), {})
     if not existing and len(usable) >= params.shared_from:  # one coarse quantizer for all categories
+        if job.params is None:
+            from dataclasses import replace
+
+            from moonsearch.index.faiss_backend import auto_rerank
+
+            params = replace(params, rerank=auto_rerank(len(usable)))
+            index_set.manifest["params"] = params.to_dict()
         factory, n_train = SharedQuantizer.plan(len(usable), info["dim"], params)
         pick = np.sort(np.random.default_rng(0).choice(len(usable), n_train, replace=False))
         index_set.shared = SharedQuantizer.train(np.stack([cache.get(usable[i][1]) for i in pick]).astype(np.float32),

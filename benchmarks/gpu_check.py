@@ -108,14 +108,29 @@ def faiss_section(n: int, nq: int, cpu_deadline_s: float, log=print, save=lambda
     out["train_points"] = len(train)
     log(f"faiss {faiss.__version__}: {n:,} x {D}, {factory}, exact top-{K} in {out['exact_s']} s")
 
-    def measure(index, name, params):
+    def train_and_add(index, name):
+        t = time.perf_counter()
+        index.train(train)
+        out[f"{name}_train_s"] = round(time.perf_counter() - t, 2)
+        t = time.perf_counter()
+        for s in range(0, n, 1_000_000):
+            index.add(xb[s:s + 1_000_000])
+        out[f"{name}_add_s"] = round(time.perf_counter() - t, 2)
+
+    def qps(search) -> dict:
+        """Queries/s at batch 1 (200 queries) / 64 / 1024, after one warm-up batch."""
         row = {}
         for bs in (1, 64, 1024):
             qs = xq[:200] if bs == 1 else xq
+            search(qs[:bs])
             t = time.perf_counter()
             for s in range(0, len(qs), bs):
-                index.search(qs[s:s + bs], K, params=params)
+                search(qs[s:s + bs])
             row[f"qps_batch{bs}"] = round(len(qs) / (time.perf_counter() - t), 1)
+        return row
+
+    def measure(index, name, params):
+        row = qps(lambda q: index.search(q, K, params=params))
         _, found = index.search(xq, K, params=params)
         row["recall10"] = round(recall(found, exact), 4)
         _, short = index.search(xq, K * 8, params=params)  # the moonsearch path: exact re-rank of 8k
@@ -132,13 +147,7 @@ def faiss_section(n: int, nq: int, cpu_deadline_s: float, log=print, save=lambda
         co.useFloat16 = True  # float16 lookup tables: 64 sub-quantisers exceed shared memory in float32
         cpu_ix = faiss.index_factory(D, factory, faiss.METRIC_INNER_PRODUCT)
         gix = faiss.index_cpu_to_gpu(res, 0, cpu_ix, co)
-        t = time.perf_counter()
-        gix.train(train)
-        out["gpu_train_s"] = round(time.perf_counter() - t, 2)
-        t = time.perf_counter()
-        for s in range(0, n, 1_000_000):
-            gix.add(xb[s:s + 1_000_000])
-        out["gpu_add_s"] = round(time.perf_counter() - t, 2)
+        train_and_add(gix, "gpu")
         out["gpu"], gpu_found = measure(gix, "gpu", faiss.SearchParametersIVF(nprobe=32))
         del gix
         save(out)
@@ -152,14 +161,7 @@ def faiss_section(n: int, nq: int, cpu_deadline_s: float, log=print, save=lambda
             sc = torch.from_numpy(q).to("cuda", torch.float16) @ base.T
             return sc.topk(K, dim=1).indices.cpu().numpy()
 
-        row = {}
-        for bs in (1, 64, 1024):
-            qs = xq[:200] if bs == 1 else xq
-            gpu_exact(qs[:bs])
-            t = time.perf_counter()
-            for s in range(0, len(qs), bs):
-                gpu_exact(qs[s:s + bs])
-            row[f"qps_batch{bs}"] = round(len(qs) / (time.perf_counter() - t), 1)
+        row = qps(gpu_exact)
         row["recall10"] = round(recall(np.concatenate([gpu_exact(xq[s:s + 100]) for s in range(0, nq, 100)]),
                                        exact), 4)
         out["torch_gpu_exact_fp16"] = row
@@ -170,13 +172,7 @@ def faiss_section(n: int, nq: int, cpu_deadline_s: float, log=print, save=lambda
     if time.perf_counter() - t0 < cpu_deadline_s:
         faiss.omp_set_num_threads(os.cpu_count() or 1)
         ix = faiss.index_factory(D, factory, faiss.METRIC_INNER_PRODUCT)
-        t = time.perf_counter()
-        ix.train(train)
-        out["cpu_train_s"] = round(time.perf_counter() - t, 2)
-        t = time.perf_counter()
-        for s in range(0, n, 1_000_000):
-            ix.add(xb[s:s + 1_000_000])
-        out["cpu_add_s"] = round(time.perf_counter() - t, 2)
+        train_and_add(ix, "cpu")
         out["cpu_threads"] = faiss.omp_get_max_threads()
         out["cpu"], cpu_found = measure(ix, "cpu", faiss.SearchParametersIVF(nprobe=32))
         if "gpu" in out:

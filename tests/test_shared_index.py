@@ -84,6 +84,12 @@ def test_unrouted_routed_and_filtered_search_match_exact(world, built):
     one = np.isin(leaf, [cats[3].infos["category"][-1]])
     got = _ids(multi_search(cats, xq, 10, chosen=[{3}] * len(xq)), cats)
     assert np.array_equal(got, _exact(xb.astype(np.float16), xq, 10, one))
+    # the same filter through the stacked lists (no exact scan): most queries lie in other categories, far
+    # from this one's items, and still find its nearest items (only lists holding them are probed)
+    stacked = replace(cats[0].params, exact_scan_below=0)
+    got = _ids(multi_search(cats, xq, 10, stacked, chosen=[{3}] * len(xq)), cats)
+    assert one[got[got >= 0]].all()
+    assert ann_recall(got, _exact(xb, xq, 10, one)) >= 0.9
 
 
 def test_append_and_delete_keep_the_shared_layout(world, built, tmp_path):

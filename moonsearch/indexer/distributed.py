@@ -109,8 +109,9 @@ def embed(todo: list[tuple[CatalogRecord, str]], base: Path, model: str, job, pu
     res = ray.cluster_resources()
     gpus = int(res.get("GPU", 0))
     actors = job.ray_actors or (gpus if gpus else max(1, int(res.get("CPU", 1))))
-    # actors leave a share of the CPUs free: Ray Data's own tasks (blocks, outputs) need some to run
-    cpus = 0 if gpus else round(min(1.0, res.get("CPU", 1) / (actors + 1)), 2)
+    # the actors leave one CPU free: Ray Data's own tasks (reading, repartitioning) take a whole CPU each,
+    # and with less than one left they never start and the pipeline waits forever
+    cpus = 0 if gpus else round(min(1.0, max(0.1, (res.get("CPU", 1) - 1) / actors)), 2)
     table = _rows_table(todo)
     blocks = max(1, min(len(todo) // max(1, job.batch_size), 4 * actors))
     ds = ray.data.from_arrow(table).repartition(blocks)

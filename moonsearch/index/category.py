@@ -50,6 +50,7 @@ class CategoryIndex:
         self._lexical = lexical
         self._mapped = mapped  # the faiss index is a read-only memory map of index.faiss
         self.shared = None  # the set's SharedQuantizer, when this category's index is a copy of its template
+        self._dense: np.ndarray | None = None  # float32 copy of the vectors, for exact scans (dense())
         self.seq = meta.column("seq").to_numpy()
         self.code = int(infos.get("code", 0))
         self.params = fb.IndexParams(**infos["params"])
@@ -222,7 +223,7 @@ class CategoryIndex:
 
     def dense(self) -> np.ndarray:
         """All stored vectors as float32 (kept after the first call: meant for small categories)."""
-        if getattr(self, "_dense", None) is None or len(self._dense) != len(self.vectors):
+        if self._dense is None or len(self._dense) != len(self.vectors):
             self._dense = np.asarray(self.vectors, np.float32)
         return self._dense
 

@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +25,7 @@ import pyarrow as pa
 from moonsearch.data.catalog import CatalogRecord, Problem, iter_catalog, write_rejects
 from moonsearch.data.images import fingerprint, load_images, resolve_path
 from moonsearch.index.category import CategoryIndex
-from moonsearch.index.faiss_backend import IndexParams
+from moonsearch.index.faiss_backend import IndexParams, auto_rerank
 from moonsearch.index.index_set import IndexSet, category_key, new_manifest, slugify
 from moonsearch.index.shared import SharedQuantizer
 from moonsearch.indexer.cache import EmbeddingCache
@@ -250,10 +250,6 @@ def run_index(job: IndexJob, encoder: Encoder | None = None,
         index_set = IndexSet(out, new_manifest(info, level, params.to_dict(), str(catalog.resolve())), {})
     if not existing and len(usable) >= params.shared_from:  # one coarse quantizer for all categories
         if job.params is None:
-            from dataclasses import replace
-
-            from moonsearch.index.faiss_backend import auto_rerank
-
             params = replace(params, rerank=auto_rerank(len(usable)))
             index_set.manifest["params"] = params.to_dict()
         factory, n_train = SharedQuantizer.plan(len(usable), info["dim"], params)

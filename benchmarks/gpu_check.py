@@ -83,13 +83,10 @@ def exact_knn(xb: np.ndarray, xq: np.ndarray, k: int) -> np.ndarray:
     return best_i.cpu().numpy()
 
 
-def recall(found: np.ndarray, exact: np.ndarray) -> float:
-    return float(np.mean([len(set(f[f >= 0]) & set(e)) / len(e) for f, e in zip(found, exact)]))
-
-
 def faiss_section(n: int, nq: int, cpu_deadline_s: float, log=print, save=lambda d: None) -> dict:
     import faiss
 
+    from moonsearch.eval.metrics import ann_recall
     from moonsearch.index import faiss_backend as fb
 
     out: dict = {"faiss": faiss.__version__, "n": n, "dim": D, "gpus": faiss.get_num_gpus() if hasattr(
@@ -132,12 +129,12 @@ def faiss_section(n: int, nq: int, cpu_deadline_s: float, log=print, save=lambda
     def measure(index, name, params):
         row = qps(lambda q: index.search(q, K, params=params))
         _, found = index.search(xq, K, params=params)
-        row["recall10"] = round(recall(found, exact), 4)
+        row["recall10"] = round(ann_recall(found, exact), 4)
         _, short = index.search(xq, K * 8, params=params)  # the moonsearch path: exact re-rank of 8k
         sc = np.einsum("qd,qcd->qc", xq, xb[np.maximum(short, 0)])
         sc[short < 0] = -np.inf
         rr = np.take_along_axis(short, np.argsort(-sc, axis=1)[:, :K], 1)
-        row["recall10_rerank8"] = round(recall(rr, exact), 4)
+        row["recall10_rerank8"] = round(ann_recall(rr, exact), 4)
         log(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
         return row, found
 
@@ -162,7 +159,7 @@ def faiss_section(n: int, nq: int, cpu_deadline_s: float, log=print, save=lambda
             return sc.topk(K, dim=1).indices.cpu().numpy()
 
         row = qps(gpu_exact)
-        row["recall10"] = round(recall(np.concatenate([gpu_exact(xq[s:s + 100]) for s in range(0, nq, 100)]),
+        row["recall10"] = round(ann_recall(np.concatenate([gpu_exact(xq[s:s + 100]) for s in range(0, nq, 100)]),
                                        exact), 4)
         out["torch_gpu_exact_fp16"] = row
         log(f"  torch GPU exact (fp16): {row}")
@@ -176,7 +173,7 @@ def faiss_section(n: int, nq: int, cpu_deadline_s: float, log=print, save=lambda
         out["cpu_threads"] = faiss.omp_get_max_threads()
         out["cpu"], cpu_found = measure(ix, "cpu", faiss.SearchParametersIVF(nprobe=32))
         if "gpu" in out:
-            out["gpu_cpu_top10_overlap"] = round(recall(gpu_found, cpu_found), 4)
+            out["gpu_cpu_top10_overlap"] = round(ann_recall(gpu_found, cpu_found), 4)
     else:
         out["cpu"] = "skipped: past the deadline"
     return out

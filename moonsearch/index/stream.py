@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from moonsearch.data.catalog import Problem, write_rejects
 from moonsearch.errors import UserError
 from moonsearch.index import faiss_backend as fb
 from moonsearch.index.category import META_SCHEMA, CategoryIndex, write_meta
@@ -50,7 +51,7 @@ def _fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _problems(catalog: pa.Table, vectors: np.ndarray, chunk: int) -> tuple[np.ndarray, list[dict]]:
+def _problems(catalog: pa.Table, vectors: np.ndarray, chunk: int) -> tuple[np.ndarray, list[Problem]]:
     """-> (keep mask, problem records) for missing/duplicate ids and non-finite vectors."""
     n = catalog.num_rows
     keep = np.ones(n, bool)
@@ -59,8 +60,7 @@ def _problems(catalog: pa.Table, vectors: np.ndarray, chunk: int) -> tuple[np.nd
     missing = np.asarray(pc.is_null(ids).to_numpy(zero_copy_only=False)) | \
         np.asarray(pc.equal(pc.utf8_length(pc.fill_null(ids, "")), 0).to_numpy(zero_copy_only=False))
     for r in np.flatnonzero(missing):
-        problems.append({"row": int(r), "item_id": None, "field": "item_id", "reason": "missing item id",
-                         "action": "row skipped"})
+        problems.append(Problem(int(r), None, "item_id", "missing item id"))
     keep &= ~missing
     codes = pc.dictionary_encode(pc.fill_null(ids, "")).combine_chunks().indices.to_numpy()
     first = np.full(codes.max(initial=-1) + 1, -1, np.int64)
@@ -71,15 +71,14 @@ def _problems(catalog: pa.Table, vectors: np.ndarray, chunk: int) -> tuple[np.nd
     first[sc[starts]] = order[starts]
     for r in np.sort(dup):
         if keep[r]:
-            problems.append({"row": int(r), "item_id": ids[int(r)].as_py(), "field": "item_id",
-                             "reason": f"duplicate of row {int(first[codes[r]])}", "action": "row skipped"})
+            problems.append(Problem(int(r), ids[int(r)].as_py(), "item_id",
+                                    f"duplicate of row {int(first[codes[r]])}"))
             keep[r] = False
     for s in range(0, n, chunk):
         bad = ~np.isfinite(np.asarray(vectors[s:s + chunk], np.float32)).all(1)
         for r in np.flatnonzero(bad) + s:
             if keep[r]:
-                problems.append({"row": int(r), "item_id": ids[int(r)].as_py(), "field": "vector",
-                                 "reason": "vector has NaN or infinite values", "action": "row skipped"})
+                problems.append(Problem(int(r), ids[int(r)].as_py(), "vector", "vector has NaN or infinite values"))
                 keep[r] = False
     return keep, problems
 
@@ -231,10 +230,7 @@ def build_from_vectors(catalog_path: Path, vectors_path: Path, out: Path, params
         index_set.categories[slug] = CategoryIndex.load(out / "categories" / slug, shared=index_set.shared)
     index_set.write_manifest()
     if problems:
-        with open(out / "rejects.jsonl.tmp", "w") as f:
-            for p in problems:
-                f.write(json.dumps(p) + "\n")
-        os.replace(out / "rejects.jsonl.tmp", out / "rejects.jsonl")
+        write_rejects(sorted(problems, key=lambda p: p.row), out / "rejects.jsonl")
     shutil.rmtree(work, ignore_errors=True)
     return {"items": int(len(rows)), "skipped": len(problems), "categories": int((counts > 0).sum()),
             "factory": shared.factory, "encode_s": round(encode_s, 1), "assemble_s": round(time.time() - t, 1),

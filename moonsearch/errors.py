@@ -22,3 +22,8 @@ class UnknownItem(UserError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class Unavailable(RuntimeError):
+    """A part of the service cannot answer now (a search shard died or timed out): HTTP 503, and the
+    request is not answered from the parts that are left."""

@@ -46,7 +46,8 @@ class IndexSet:
         return self.manifest["encoder"]
 
     @classmethod
-    def load(cls, root: str | Path) -> "IndexSet":
+    def load(cls, root: str | Path, only: set[str] | None = None) -> "IndexSet":
+        """The index folder; ``only``: load just these category slugs (a search shard's share)."""
         root = Path(root)
         mpath = root / "manifest.json"
         if not mpath.exists():
@@ -59,6 +60,8 @@ class IndexSet:
                                 f"{root / 'quantizer'} is {'missing' if shared is None else shared.id}; rebuild the index")
         cats = {}
         for slug in manifest["categories"]:
+            if only is not None and slug not in only:
+                continue
             cats[slug] = CategoryIndex.load(root / "categories" / slug, shared=shared)
             if cats[slug].infos["encoder"]["fingerprint"] != manifest["encoder"]["fingerprint"]:
                 raise IndexMismatch(f"{root / 'categories' / slug}: built by another encoder than the manifest's")

@@ -20,7 +20,7 @@ import re
 import unicodedata
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -120,15 +120,18 @@ class CategoryTerms:
 class LexicalSet:
     """BM25 over several categories with shared collection statistics."""
 
-    def __init__(self, parts: dict[str, CategoryTerms]):
+    def __init__(self, parts: dict[str, CategoryTerms], stats: Iterable[CategoryTerms] | None = None):
+        """``stats``: the categories whose collection statistics (document count, mean length, document
+        frequencies) BM25 uses; default ``parts``. A search shard searches its own categories with
+        every category's statistics, so its scores are those of the whole set."""
         self.parts = parts
-        self.n_docs = sum(p.n for p in parts.values())
-        total_len = sum(float(p.doc_len.sum()) for p in parts.values())
-        self.avgdl = total_len / max(1, self.n_docs)
-        df: dict[str, int] = {}
-        for p in parts.values():
+        self.n_docs, total_len, df = 0, 0.0, {}
+        for p in (parts.values() if stats is None else stats):
+            self.n_docs += p.n
+            total_len += float(p.doc_len.sum())
             for t, d in zip(p.terms.tolist(), p.df.tolist()):
                 df[t] = df.get(t, 0) + d
+        self.avgdl = total_len / max(1, self.n_docs)
         self.df = df
 
     def idf(self, term: str) -> float:

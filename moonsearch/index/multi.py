@@ -29,13 +29,26 @@ def multi_search(cats: Sequence[CategoryIndex], xq: np.ndarray, k: int, params: 
 
     ``chosen[q]`` limits query q to those category positions (routing); default: all.
     """
+    found, rerank = shortlists(cats, xq, k, params, chosen)
+    return [finish(c, k) for c in found]
+
+
+def shortlists(cats: Sequence[CategoryIndex], xq: np.ndarray, k: int, params: fb.IndexParams | None = None,
+               chosen: Sequence[Sequence[int]] | None = None, rerank: int = 0, everything: int | None = None
+               ) -> tuple[list[Candidates], int]:
+    """Per query the global shortlist: the best ``k * max(1, rerank)`` candidates by index score, each
+    with its final score (exact for PQ candidates that are re-ranked), and the re-rank factor used.
+
+    A search shard holding some of the categories runs this over its own and passes ``rerank`` (the
+    whole set's factor) and ``everything`` (the whole set's shared-quantizer item count), so its
+    shortlist holds every candidate of its categories that the whole set's shortlist would hold; the
+    router then ``merge``s the shards' shortlists and ``finish``es exactly as one process would."""
     nq = len(xq)
     chosen = chosen if chosen is not None else [range(len(cats))] * nq
     per_q: list[list[tuple[np.ndarray, np.ndarray, int]]] = [[] for _ in range(nq)]
-    rerank = 0
     shared = [c for c, ci in enumerate(cats) if ci.shared is not None]
     if shared:
-        rerank = max(rerank, _search_shared(cats, shared, xq, k, params, chosen, per_q))
+        rerank = max(rerank, _search_shared(cats, shared, xq, k, params, chosen, per_q, everything))
     for c, ci in enumerate(cats):
         if ci.shared is not None:
             continue
@@ -53,24 +66,59 @@ def multi_search(cats: Sequence[CategoryIndex], xq: np.ndarray, k: int, params: 
     out = []
     for q in range(nq):
         if not per_q[q]:
-            out.append([])
+            out.append(Candidates.empty())
             continue
         D = np.concatenate([d for d, _, _ in per_q[q]])
         R = np.concatenate([r for _, r, _ in per_q[q]])
         C = np.concatenate([np.broadcast_to(c, len(r)) for _, r, c in per_q[q]])
         m = min(len(D), k * max(1, rerank))
         top = np.argpartition(-D, m - 1)[:m] if m < len(D) else np.arange(len(D))
-        D, R, C = D[top].astype(np.float32), R[top], C[top]
+        D, R, C = D[top].astype(np.float32), R[top], C[top].astype(np.int64)
+        final = D.copy()
         for c in np.unique(C):
             sel = np.flatnonzero(C == c)
             if cats[c].is_pq and (params or cats[c].params).rerank > 0:
-                D[sel] = cats[c].exact(xq[q], R[sel])
-        order = np.argsort(-D, kind="stable")[:k]
-        out.append([(float(D[i]), int(C[i]), int(R[i])) for i in order])
-    return out
+                final[sel] = cats[c].exact(xq[q], R[sel])
+        out.append(Candidates(D, final, C, R))
+    return out, rerank
 
 
-def _search_shared(cats, shared: list[int], xq: np.ndarray, k: int, params, chosen, per_q) -> int:
+class Candidates:
+    """One query's shortlist: index scores, final scores, category positions, rows (parallel arrays)."""
+
+    __slots__ = ("approx", "final", "cat", "row")
+
+    def __init__(self, approx: np.ndarray, final: np.ndarray, cat: np.ndarray, row: np.ndarray):
+        self.approx, self.final, self.cat, self.row = approx, final, cat, row
+
+    @classmethod
+    def empty(cls) -> "Candidates":
+        return cls(np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+
+def merge(parts: Sequence[Candidates], k: int, rerank: int) -> tuple[Candidates, np.ndarray]:
+    """Several shards' shortlists for one query (category positions already global) -> the shortlist one
+    process holding every category would have built (the best ``k * max(1, rerank)`` by index score),
+    and the positions of its candidates in the concatenation of ``parts``."""
+    if not any(len(p) for p in parts):
+        return Candidates.empty(), np.zeros(0, np.int64)
+    D, F, C, R = (np.concatenate([getattr(p, a) for p in parts]) for a in ("approx", "final", "cat", "row"))
+    m = min(len(D), k * max(1, rerank))
+    top = np.argpartition(-D, m - 1)[:m] if m < len(D) else np.arange(len(D))
+    return Candidates(D[top], F[top], C[top], R[top]), top
+
+
+def finish(c: Candidates, k: int) -> list[tuple[float, int, int]]:
+    """A shortlist -> up to k ``(final score, category position, row)``, best first."""
+    order = np.argsort(-c.final, kind="stable")[:k]
+    return [(float(c.final[i]), int(c.cat[i]), int(c.row[i])) for i in order]
+
+
+def _search_shared(cats, shared: list[int], xq: np.ndarray, k: int, params, chosen, per_q,
+                   everything: int | None = None) -> int:
     """The shared-quantizer categories: one stacked IVF search per group of categories that queries want
     (or an exact scan of a small group); appends (scores, rows, category position) to ``per_q``; returns
     the re-rank factor used."""
@@ -81,7 +129,8 @@ def _search_shared(cats, shared: list[int], xq: np.ndarray, k: int, params, chos
         if key:
             groups.setdefault(key, []).append(q)
     rerank = 0
-    everything = sum(cats[c].infos["count"] for c in shared)
+    if everything is None:
+        everything = sum(cats[c].infos["count"] for c in shared)
     for key, qs in groups.items():
         members = [cats[c] for c in key]
         p = params or members[0].params

@@ -89,8 +89,9 @@ def check_k(k: int) -> None:
 
 
 class SearchService:
-    def __init__(self, index_dir: str | Path, encoder: Encoder | str | None = None, device: str | None = None):
-        self.index = IndexSet.load(index_dir)
+    def __init__(self, index_dir: str | Path | IndexSet, encoder: Encoder | str | None = None, device: str | None = None):
+        """``index_dir``: an index folder, or an IndexSet already loaded (e.g. a shard's categories)."""
+        self.index = index_dir if isinstance(index_dir, IndexSet) else IndexSet.load(index_dir)
         self._encoder = encoder if isinstance(encoder, Encoder) else None
         self._encoder_name = encoder if isinstance(encoder, str) else None
         self.device = device
@@ -211,15 +212,19 @@ class SearchService:
 
     def _lexical_hits(self, text, n, categories, exclude, where) -> list[Hit]:
         slugs = self._select(categories)
-        total = sum(self.index.categories[s].index.ntotal for s in slugs)
+        total = self._total(slugs)
         kk = n + (len(exclude) if exclude else 0)
         while True:
-            found = self.lexical.search(text, kk if where is None else min(total, kk * 4), slugs)
-            hits = [self._hit(slug, row, score) for score, slug, row in found]
-            hits = [h for h in hits if not (exclude and h.item_id in exclude) and (where is None or where(h))]
+            found = self._lexical_top(text, kk if where is None else min(total, kk * 4), slugs)
+            hits = [h for *_, h in found if not (exclude and h.item_id in exclude) and (where is None or where(h))]
             if len(hits) >= n or len(found) < kk or kk >= total or where is None:
                 return hits[:n]
             kk = min(total, kk * 4)
+
+    def _lexical_top(self, text: str, k: int, slugs: list[str]) -> list[tuple[float, str, int, Hit]]:
+        """BM25 top-k over ``slugs``: (score, slug, row, hit), best first (ties by slug, row)."""
+        return [(score, slug, row, self._hit(slug, row, score))
+                for score, slug, row in self.lexical.search(text, k, slugs)]
 
     def _fuse(self, vec_lists, lex_lists, mode, und) -> list[Hit]:
         by_id: dict[str, Hit] = {}
@@ -308,24 +313,20 @@ class SearchService:
         xq = np.ascontiguousarray(xq, np.float32)
         assert xq.ndim == 2 and xq.shape[1] == self.index.encoder["dim"], (xq.shape, self.index.encoder["dim"])
         slugs = self._select(categories)
-        cats = [self.index.categories[s] for s in slugs]
-        chosen = None
-        if route:
-            cents = self.centroids[[self.slugs.index(s) for s in slugs]]  # (C, d)
-            chosen = [set(row) for row in np.argsort(-(xq @ cents.T), axis=1)[:, :route].tolist()]
-        total = sum(c.index.ntotal for c in cats)
+        chosen = self.route(xq, slugs, route) if route else None
+        total = self._total(slugs)
         kk = k + (len(exclude) if exclude else 0)
         if where is not None:
             kk *= 2
         out: list[list[Hit] | None] = [None] * len(xq)
         todo = list(range(len(xq)))
         while todo:
-            found = multi_search(cats, xq[todo], kk, params, None if chosen is None else [chosen[q] for q in todo])
+            found = self._shortlist_hits(xq[todo], kk, slugs, None if chosen is None else [chosen[q] for q in todo],
+                                         params)
             still = []
             for q, per_q in zip(todo, found):
                 hits = []
-                for score, c, row in per_q:
-                    hit = self._hit(slugs[c], row, score)
+                for hit in per_q:
                     if (exclude and hit.item_id in exclude) or (where is not None and not where(hit)):
                         continue
                     hits.append(hit)
@@ -336,6 +337,21 @@ class SearchService:
                     still.append(q)
             todo, kk = still, min(kk * 4, total)
         return out
+
+    def route(self, xq: np.ndarray, slugs: list[str], route: int) -> list[set[int]]:
+        """Per query the positions (in ``slugs``) of the ``route`` categories whose centroids are nearest."""
+        cents = self.centroids[[self.slugs.index(s) for s in slugs]]  # (C, d)
+        return [set(row) for row in np.argsort(-(xq @ cents.T), axis=1)[:, :route].tolist()]
+
+    def _shortlist_hits(self, xq: np.ndarray, k: int, slugs: list[str], chosen: list[set[int]] | None,
+                        params: IndexParams | None) -> list[list[Hit]]:
+        """Per query up to k hits over ``slugs`` (``chosen[q]``: positions in ``slugs``), best first."""
+        cats = [self.index.categories[s] for s in slugs]
+        return [[self._hit(slugs[c], row, score) for score, c, row in per_q]
+                for per_q in multi_search(cats, xq, k, params, chosen)]
+
+    def _total(self, slugs: Sequence[str]) -> int:
+        return sum(self.index.categories[s].index.ntotal for s in slugs)
 
     # ---- helpers -----------------------------------------------------------------------------
     def _select(self, categories: Sequence[str] | None) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from moonsearch.index.lexical import fold, stem, words
 
@@ -88,22 +89,20 @@ class Gazetteer:
 
     @classmethod
     def from_index(cls, index_set) -> "Gazetteer":
+        return cls.from_parts(readings_of(c) for c in index_set.categories.values())
+
+    @classmethod
+    def from_parts(cls, parts: Iterable[list[Reading]]) -> "Gazetteer":
+        """From each category's readings (``readings_of``), in category order; a reading that several
+        categories hold counts once (a search router merges its shards' parts in the manifest's order)."""
         readings: list[Reading] = []
         seen = set()
-        for c in index_set.categories.values():
-            path = list(c.infos["category"])
-            for depth in range(1, len(path) + 1):
-                seg = path[depth - 1]
-                k = ("category", " > ".join(path[:depth]))
+        for part in parts:
+            for r in part:
+                k = (r.key, r.value)
                 if k not in seen:
                     seen.add(k)
-                    readings.append(Reading("category", k[1], tuple(words(seg))))
-            for a in c.meta.column("attributes").to_pylist():
-                for key, v in json.loads(a or "{}").items():
-                    k = (key, str(v))
-                    if k not in seen and words(str(v)):
-                        seen.add(k)
-                        readings.append(Reading(key, str(v), tuple(words(str(v)))))
+                    readings.append(r)
         # a category segment that appears under several parents ("accessories > bags" only once, but
         # "tops" could be twice): several readings of the same words, so a boost, not a filter
         return cls(readings)
@@ -149,3 +148,23 @@ def describe(understood: dict) -> str:
     if codes:
         parts.append("codes " + ", ".join(codes) + " (lexical first)")
     return "; ".join(parts)
+
+
+def readings_of(c) -> list[Reading]:
+    """One category index's readings: its path's prefixes and its items' attribute values (first seen
+    first, each once)."""
+    out: list[Reading] = []
+    seen = set()
+    path = list(c.infos["category"])
+    for depth in range(1, len(path) + 1):
+        k = ("category", " > ".join(path[:depth]))
+        if k not in seen:
+            seen.add(k)
+            out.append(Reading("category", k[1], tuple(words(path[depth - 1]))))
+    for a in c.meta.column("attributes").to_pylist():
+        for key, v in json.loads(a or "{}").items():
+            k = (key, str(v))
+            if k not in seen and words(str(v)):
+                seen.add(k)
+                out.append(Reading(key, str(v), tuple(words(str(v)))))
+    return out

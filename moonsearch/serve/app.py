@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moonsearch.data.images import ImageError, decode, read_bytes, resolve_path
-from moonsearch.errors import UnknownItem, UserError
+from moonsearch.errors import Unavailable, UnknownItem, UserError
 from moonsearch.search.service import Hit
 from moonsearch.search.service import DEFAULT_MODE, candidates
 from moonsearch.serve.engine import Engine, ServeOptions, attribute_filter, category_counts
@@ -233,6 +233,10 @@ def create_app(opts: ServeOptions, engine: Optional[Engine] = None) -> FastAPI:
     async def _user_error(request, e):
         return JSONResponse({"error": str(e)}, status_code=400)
 
+    @app.exception_handler(Unavailable)
+    async def _unavailable(request, e):
+        return JSONResponse({"error": str(e)}, status_code=503, headers={"Retry-After": "1"})
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
         parts = []
@@ -340,13 +344,16 @@ def create_app(opts: ServeOptions, engine: Optional[Engine] = None) -> FastAPI:
         hits = await loop.run_in_executor(engine.search_pool, run)
         return respond(hits[body.offset:], body.limit, body.offset, t0, body.attributes_to_retrieve)
 
+    async def item(item_id: str) -> Hit:  # off the event loop: a sharded service asks its shards
+        return await asyncio.get_running_loop().run_in_executor(engine.search_pool, engine.svc.item, item_id)
+
     @app.get("/products/{item_id}")
     async def product(item_id: str):
-        return hit_json(engine.svc.item(item_id), None) | {"score": None}
+        return hit_json(await item(item_id), None) | {"score": None}
 
     @app.get("/images/{item_id}/{n}")
     async def image(item_id: str, n: int):
-        hit = engine.svc.item(item_id)  # 404 for an unknown item: only catalog images are ever served
+        hit = await item(item_id)  # 404 for an unknown item: only catalog images are ever served
         if not 0 <= n < len(hit.images):
             raise ApiError(404, f"item {item_id!r} has {len(hit.images)} image(s); no image {n}")
         ref = hit.images[n]

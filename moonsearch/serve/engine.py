@@ -164,7 +164,9 @@ def category_counts(hits: Sequence[Hit]) -> dict[str, int]:
 
 
 class Engine:
-    def __init__(self, opts: ServeOptions, encoder: Encoder | None = None):
+    def __init__(self, opts: ServeOptions, encoder: Encoder | None = None, service: SearchService | None = None):
+        """``service``: what answers the searches (default: the index folder loaded here; the Ray router
+        gives one that fans out to its shards)."""
         self.opts = opts
         self.root = Path(opts.index_dir)
         self.metrics = Metrics()
@@ -173,7 +175,7 @@ class Engine:
         # requests search one query at a time (or a small batch) from several threads: OpenMP teams per
         # call only contend for the cores the encoder needs (measured: hybrid text QPS at 32 clients x2)
         faiss.omp_set_num_threads(1)
-        self.svc = SearchService(self.root, encoder=encoder or opts.model)
+        self.svc = service or SearchService(self.root, encoder=encoder or opts.model)
         self.encoder = self.svc.encoder  # loaded now, not on the first request
         self.metrics.items = self.svc.index.count
         self._stamp = self._manifest_stamp()

@@ -296,9 +296,14 @@ def serve(
     reload_interval: Annotated[float, typer.Option(help="seconds between checks of the index manifest "
                                                    "(hot reload; 0: off, SIGHUP still reloads)")] = 1.0,
     access_log: Annotated[bool, typer.Option(help="log every request (off: /metrics counts them)")] = False,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="serve on Ray Serve: 'auto' (RAY_ADDRESS, else a "
+                                               "local Ray) or a cluster address HOST:PORT")] = None,
+    shards: Annotated[int, typer.Option(help="with --ray: search shards (categories dealt by item count)")] = 1,
+    replicas: Annotated[int, typer.Option(help="with --ray: replicas of each deployment")] = 1,
 ):
     """HTTP search API and search page (open http://HOST:PORT/ in a browser). MOONSEARCH_API_KEY set:
-    every endpoint but /health and the page needs the X-API-Key header."""
+    every endpoint but /health and the page needs the X-API-Key header. With --ray: the same API from
+    Ray Serve deployments (an encoder, N shards, a router; README "Scale-out on Ray")."""
     import os
 
     from moonsearch.serve.engine import ServeOptions
@@ -311,6 +316,17 @@ def serve(
     folder = index_dir or default_index()
     opts = ServeOptions(folder, model, allow_image_urls, max_wait_ms, max_batch, reload_interval,
                         os.environ.get("MOONSEARCH_API_KEY") or None)
+    if ray is not None:
+        at_least("--shards", shards), at_least("--replicas", replicas)
+        if workers != 1:
+            from moonsearch.errors import UserError
+
+            raise UserError("--workers is for the single-machine server; with --ray use --replicas")
+        from moonsearch.serve.ray_app import run as run_on_ray
+
+        console.print(f"deploying {folder} on Ray ({shards} shard(s), {replicas} replica(s) each) ...")
+        run_on_ray(opts, ray, shards, replicas, host, port, poll=reload_interval, log=console.print)
+        return
     console.print(f"loading {folder} and warming the encoder ...")
     from moonsearch.serve.app import serve as run_server
 

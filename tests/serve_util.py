@@ -41,3 +41,30 @@ def start(index_dir, encoder, **opts):
 
     o = ServeOptions(index_dir, **opts)
     return create_app(o, Engine(o, encoder=encoder))
+
+
+@contextmanager
+def hammering(url: str, body: dict, clients: int = 4):
+    """``clients`` threads POST ``body`` to ``url``/search in a loop while the block runs; yields
+    (requests done: a one-element list, failures: the bodies of non-200 answers)."""
+    import httpx
+
+    failures, done, stop = [], [0], threading.Event()
+
+    def hammer():
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while not stop.is_set():
+                r = c.post("/search", json=body)
+                if r.status_code != 200:
+                    failures.append(r.text)
+                done[0] += 1
+
+    threads = [threading.Thread(target=hammer) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        yield done, failures
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from serve_util import running, start
+from serve_util import hammering, running, start
 
 from moonsearch.models.base import Query
 from moonsearch.search.service import SearchService
@@ -317,30 +317,14 @@ def test_hot_reload_under_concurrent_requests(world, tiny_index, clip_tiny, tmp_
     pq.write_table(cat, world / "extra.parquet")
 
     app = start(folder, clip_tiny, reload_interval=0.1)
-    failures, done, stop = [], [0], threading.Event()
     with running(app) as url:
-        def hammer():
-            with httpx.Client(base_url=url, timeout=60) as c:
-                while not stop.is_set():
-                    r = c.post("/search", json={"q": "red sneakers", "limit": 20})
-                    if r.status_code != 200:
-                        failures.append(r.text)
-                    done[0] += 1
-
-        threads = [threading.Thread(target=hammer) for _ in range(4)]
-        for t in threads:
-            t.start()
-        try:
+        with hammering(url, {"q": "red sneakers", "limit": 20}) as (done, failures):
             IndexSet.load(folder).delete({victim})  # what `moonsearch delete` does
             _wait_items(url, before - 1)
             assert httpx.get(f"{url}/products/{victim}").status_code == 404
             run_index(IndexJob(world / "extra.parquet", folder, model="clip-tiny", append=True), encoder=clip_tiny)
             _wait_items(url, before + 4)
             assert httpx.get(f"{url}/products/NEW3").status_code == 200
-        finally:
-            stop.set()
-            for t in threads:
-                t.join()
     assert done[0] > 10 and not failures, failures[:3]
     assert app.engine.metrics.reloads >= 2
 

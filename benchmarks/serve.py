@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -111,6 +109,15 @@ def start_server(index: Path, port: int, extra: list[str]) -> subprocess.Popen:
                             env={**os.environ, "MOONSEARCH_API_KEY": ""})
 
 
+def stop_server(proc: subprocess.Popen, wait: float = 20) -> None:
+    """Ctrl-C, as a user stops it; killed if it has not exited after ``wait`` seconds."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> dict:
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -174,11 +181,7 @@ async def main_async(args) -> dict:
                 "text_mode": MODE or "server default (hybrid + understanding)",
                 "max_wait_ms": args.max_wait_ms, "cpus": os.cpu_count(), "rows": rows}
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -4,6 +4,7 @@ finished run is reused), then run the paper's zero-shot tasks on all of them sid
     python benchmarks/training.py --preset moon-mini-cpu --preset clip-finetune      # ~45 min on 2 CPU cores
     python benchmarks/training.py --steps 100 --name ablations --preset moon-mini-cpu --preset moon-mini-no-moe \
         --preset moon-mini-unguided --preset moon-mini-no-crops --preset moon-mini-in-batch   # equal smaller budget
+    ... --seed 0 --seed 1 --seed 2      # each preset once per seed; <name>-seeds.{json,md,png}: mean and spread
 
 Rows: clip-mini as shipped, clip-finetune, untrained moon-mini-base, moon-mini-cpu and its ablations.
 Writes bench-out/<name>.{json,md,png} (the zero-shot table) and bench-out/<name>-speed.json
@@ -48,6 +49,66 @@ def config_key(cfg, data: str) -> str:
     return hashlib.sha1(json.dumps([d, data], sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+def task_values(r: dict) -> dict[str, float]:
+    """One zero-shot row's scalars: retrieval R@10 per task, classification accuracy, attribute accuracy."""
+    out = {f"{t} R@10": v["R@10"] for t, v in r["retrieval"].items()}
+    out.update({f"classification {t}": v for t, v in r["classification"].items()})
+    out.update({f"attribute {t}": v for t, v in r["attributes"].items()})
+    return out
+
+
+def seed_summary(seeded: dict[str, list[dict]]) -> dict:
+    """{preset: {"seeds": n, "tasks": {task: {"mean", "sd", "min", "max", "values"}}}} (sd: sample, n - 1)."""
+    out = {}
+    for preset, rows in seeded.items():
+        vals = [task_values(r) for r in rows]
+        tasks = {}
+        for t in vals[0]:
+            xs = [v[t] for v in vals if t in v]
+            tasks[t] = {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+                        "min": min(xs), "max": max(xs), "values": xs}
+        out[preset] = {"seeds": len(rows), "tasks": tasks}
+    return out
+
+
+def seed_table(summary: dict) -> str:
+    names = list(summary)
+    lines = ["| task | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for t in summary[names[0]]["tasks"]:
+        cells = [f"{summary[n]['tasks'][t]['mean']:.3f} ± {summary[n]['tasks'][t]['sd']:.3f}" for n in names]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_seed_report(summary: dict, out: Path, stem: str) -> None:
+    """``stem``.md (mean ± sd per task and preset) and ``stem``.png (bars with the sd as error bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from moonsearch.utils.io import atomic_path, atomic_write_text
+
+    atomic_write_text(seed_table(summary), out / f"{stem}.md")
+    names = list(summary)
+    tasks = list(summary[names[0]]["tasks"])
+    fig, ax = plt.subplots(figsize=(max(7, len(tasks) * 0.8), 3.8))
+    w = 0.8 / len(names)
+    for i, n in enumerate(names):
+        m = [summary[n]["tasks"][t]["mean"] for t in tasks]
+        sd = [summary[n]["tasks"][t]["sd"] for t in tasks]
+        ax.bar(np.arange(len(tasks)) + i * w, m, w, yerr=sd, capsize=2, label=f"{n} ({summary[n]['seeds']} seeds)")
+    ax.set_xticks(np.arange(len(tasks)) + w * (len(names) - 1) / 2, tasks, rotation=45, ha="right", fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_title("zero-shot, mean and sd over seeds", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(out / f"{stem}.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     from moonsearch.eval import zero_shot
     from moonsearch.models.base import create_encoder
@@ -63,6 +124,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=400, help="catalog products in the zero-shot evaluation")
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     ap.add_argument("--name", default="training", help="report file stem")
+    ap.add_argument("--seed", type=int, action="append",
+                    help="train each preset once per seed (default: the preset's seed); with several, the report "
+                         "adds each preset's mean and spread over seeds")
     a = ap.parse_args()
     presets = a.preset or PRESETS
     rows = a.out / "training-rows"  # one evaluated row per model: a rerun skips what is done
@@ -83,20 +147,29 @@ def main() -> None:
         return json.loads(f.read_text())
 
     results += [row("clip-mini", "clip-mini"), row("moon-mini-base", "moon-mini-base (untrained)")]
+    seeded: dict[str, list[dict]] = {}
     for p in presets:
-        cfg = load_config(p, data=a.data, out=a.runs, steps=a.steps)
-        # a run folder per (preset, effective config, data): a changed recipe or world never reuses a stale run
-        cfg = replace(cfg, run_name=f"{cfg.run_name}-{config_key(cfg, data)}")
-        final = Path(cfg.out) / cfg.run_name / "final"
-        if not (final / "config.json").exists():
-            print(f"training {p} ...", flush=True)
-            train(cfg)
-        kind = json.loads((final / "config.json").read_text()).get("format", "")
-        label = p + (f" ({a.steps} steps)" if a.steps else "")
-        results.append(row(f"clip-mini:{final}" if kind.startswith("moonsearch-clip-mini") else f"moon:{final}", label))
-        speeds[label] = speed(final.parent)
+        for seed in a.seed or [None]:
+            cfg = load_config(p, data=a.data, out=a.runs, steps=a.steps, seed=seed)
+            # a run folder per (preset, effective config, data): a changed recipe or world never reuses a stale run
+            cfg = replace(cfg, run_name=f"{cfg.run_name}-{config_key(cfg, data)}")
+            final = Path(cfg.out) / cfg.run_name / "final"
+            if not (final / "config.json").exists():
+                print(f"training {p} (seed {cfg.seed}) ...", flush=True)
+                train(cfg)
+            kind = json.loads((final / "config.json").read_text()).get("format", "")
+            label = p + (f" ({a.steps} steps)" if a.steps else "") + (f" seed {seed}" if seed is not None else "")
+            results.append(row(f"clip-mini:{final}" if kind.startswith("moonsearch-clip-mini") else f"moon:{final}",
+                               label))
+            seeded.setdefault(p + (f" ({a.steps} steps)" if a.steps else ""), []).append(results[-1])
+            speeds[label] = speed(final.parent)
     zero_shot.write(results, a.out, a.name)
     atomic_write_json(speeds, a.out / f"{a.name}-speed.json")
+    if a.seed and len(a.seed) > 1:
+        summary = seed_summary(seeded)
+        atomic_write_json(summary, a.out / f"{a.name}-seeds.json")
+        write_seed_report(summary, a.out, f"{a.name}-seeds")
+        print(seed_table(summary))
     print(zero_shot.table(results))
     print("| run | samples/s | data s | forward s | backward s | optimiser s | val R@10 start -> end |")
     print("|---|---|---|---|---|---|---|")

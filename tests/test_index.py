@@ -231,6 +231,19 @@ def test_search_service_over_ivfpq_categories_matches_exact_search(tmp_path):
     rough = svc.search_vectors(xq, k=10, params=replace(params, rerank=0))
     rough_recall = np.mean([len({h.item_id for h in row} & set(names[e])) / 10 for row, e in zip(rough, exact)])
     assert rough_recall < recall
+    # split over 2 search shards (moonsearch serve --ray): each shard's shortlist of its own categories,
+    # merged by index score and finished by the re-ranked score, gives exactly the hits above
+    from moonsearch.index.multi import finish, merge
+    from moonsearch.serve.ray_app import ShardCore
+
+    shards = [ShardCore(root, i, 2) for i in range(2)]
+    assert sorted(s for sh in shards for s in sh.slugs) == svc.slugs and all(sh.slugs for sh in shards)
+    parts = [sh.shortlist(xq, 10, svc.slugs, None, None, 8) for sh in shards]
+    for q, row in enumerate(hits):
+        merged, top = merge([p[q][0] for p in parts], 10, 8)
+        pooled = [h for p in parts for h in p[q][1]]
+        by_pos = {(int(c), int(r)): pooled[i] for c, r, i in zip(merged.cat, merged.row, top)}
+        assert [by_pos[(c, r)].item_id for _, c, r in finish(merged, 10)] == [h.item_id for h in row]
 
 
 def test_folders_from_before_the_shared_layout_still_load(tmp_path):

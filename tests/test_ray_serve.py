@@ -47,7 +47,7 @@ def served(tiny_index, clip_tiny, tmp_path_factory):
     opts = ServeOptions(folder, model="clip-tiny")
     ray_app.deploy(opts, shards=SHARDS)
     url = f"http://127.0.0.1:{port}"
-    _wait(lambda: httpx.get(url + "/health", timeout=5).status_code == 200, 180, "the Serve app did not start")
+    _wait(lambda: httpx.get(url + "/health", timeout=5).status_code == 200, 300, "the Serve app did not start")
     yield url, folder, opts
     serve.shutdown()
     ray.shutdown()
@@ -75,6 +75,10 @@ def _wait(ok, timeout: float, what: str) -> None:
             pass
         time.sleep(0.3)
     raise AssertionError(what)
+
+
+def _replica_actors() -> set[str]:
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]}
 
 
 def test_shards_hold_disjoint_categories_that_cover_the_index(served):
@@ -173,11 +177,13 @@ def test_reload_by_user_config_under_load(served, client, world, clip_tiny):
     cat = cat.set_column(cat.schema.get_field_index("item_id"), "item_id", pa.array([f"RAYNEW{i}" for i in range(5)]))
     extra = folder.parent / "extra.parquet"
     pq.write_table(cat, extra)
+    replicas = _replica_actors()
     with hammering(url, {"q": "red sneakers", "limit": 10}, clients=3) as (done, failures):
         run_index(IndexJob(extra, folder, model="clip-tiny", append=True), encoder=clip_tiny)
         ray_app.deploy(opts, shards=SHARDS)
         _wait(lambda: client.get("/health").json()["items"] == before + 5, 120, "the shards did not reload")
     assert done[0] > 5 and not failures, failures[:3]
+    assert _replica_actors() == replicas  # reconfigured in place: no replica was replaced
     assert client.get("/products/RAYNEW3").status_code == 200
     fresh = SearchService(folder, encoder=clip_tiny)
     assert ids(client.post("/search", json={"q": "red sneakers", "limit": 10})) == \
@@ -188,7 +194,8 @@ def test_a_dead_shard_gives_503_never_a_partial_merge(served, client, clip_tiny)
     """Kill Shard1's replica: until Serve has replaced it, a request either waits for it and gets the full
     answer or fails with 503 naming the shard; it never gets the hits of Shard0 alone."""
     want = [h.item_id for h in SearchService(served[1], encoder=clip_tiny).search("red sneakers", k=10).hits]
-    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Shard1" in a["name"]]
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Shard1" in a["name"]
+             and "SERVE_REPLICA" in a["name"]]
     assert names, ray.util.list_named_actors(all_namespaces=True)
     ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
     statuses = []

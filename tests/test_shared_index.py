@@ -92,6 +92,31 @@ def test_unrouted_routed_and_filtered_search_match_exact(world, built):
     assert ann_recall(got, _exact(xb, xq, 10, one)) >= 0.9
 
 
+def test_search_shards_return_what_one_process_returns(world, built):
+    """moonsearch serve --ray: the categories dealt to 2 and 3 shards, each shard's shortlist merged by the
+    router, give the single process's top-10, unrouted and routed, with the stacked lists forced on
+    (no exact scan of small groups: the probe choice is what a shard could get wrong)."""
+    from moonsearch.index.multi import finish, merge
+    from moonsearch.search.service import SearchService
+    from moonsearch.serve.ray_app import ShardCore
+
+    out, _ = built
+    xq = np.load(world / "queries.npy")
+    svc = SearchService(out)
+    stacked = replace(next(iter(svc.index.categories.values())).params, exact_scan_below=0)
+    for n in (2, 3):
+        shards = [ShardCore(out, i, n) for i in range(n)]
+        for route in (None, 2):
+            want = svc.search_vectors(xq, 10, route=route, params=stacked)
+            chosen = svc.route(xq, svc.slugs, route) if route else None
+            parts = [sh.shortlist(xq, 10, svc.slugs, chosen, stacked, stacked.rerank) for sh in shards]
+            for q, row in enumerate(want):
+                merged, top = merge([p[q][0] for p in parts], 10, stacked.rerank)
+                pooled = [h for p in parts for h in p[q][1]]
+                by_pos = {(int(c), int(r)): pooled[i] for c, r, i in zip(merged.cat, merged.row, top)}
+                assert [by_pos[(c, r)].item_id for _, c, r in finish(merged, 10)] == [h.item_id for h in row]
+
+
 def test_append_and_delete_keep_the_shared_layout(world, built, tmp_path):
     import shutil
 

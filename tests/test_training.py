@@ -480,6 +480,29 @@ def test_training_bench_reuses_runs_and_rows_only_for_the_same_config_and_data(w
     shutil.copy(world / "catalog.parquet", other / "catalog.parquet")
     (other / "behavior.parquet").write_bytes((world / "behavior.parquet").read_bytes() + b"\0")
     assert bench.data_hash(other) != data and bench.config_key(cfg, bench.data_hash(other)) != key
+    assert bench.config_key(replace(cfg, seed=cfg.seed + 1), data) != key  # each seed trains its own run
+
+
+def test_training_bench_summarises_seeds_as_mean_and_sample_spread(tmp_path):
+    """--seed 0 --seed 1 ...: each preset's zero-shot rows become mean and sd per task, and a plot."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_training", os.path.join(
+        os.path.dirname(__file__), "..", "benchmarks", "training.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def row(r10, colour):
+        return {"retrieval": {"text -> product": {"R@10": r10, "R@1": 0.1}}, "classification": {"level 1": 0.5},
+                "attributes": {"colour": colour}}
+
+    summary = bench.seed_summary({"a": [row(0.6, 0.2), row(0.8, 0.4), row(0.7, 0.3)], "b": [row(0.5, 0.5)] * 2})
+    t = summary["a"]["tasks"]
+    assert summary["a"]["seeds"] == 3 and t["text -> product R@10"]["mean"] == pytest.approx(0.7)
+    assert t["text -> product R@10"]["sd"] == pytest.approx(0.1) and t["attribute colour"]["max"] == 0.4
+    assert summary["b"]["tasks"]["classification level 1"]["sd"] == 0.0
+    bench.write_seed_report(summary, tmp_path, "s")
+    assert "0.700 ± 0.100" in (tmp_path / "s.md").read_text() and (tmp_path / "s.png").stat().st_size > 5000
 
 
 def test_memory_estimate_counts_real_parameters_and_the_3b_preset_fits_80gb(tmp_path):

@@ -34,21 +34,22 @@ def multi_search(cats: Sequence[CategoryIndex], xq: np.ndarray, k: int, params: 
 
 
 def shortlists(cats: Sequence[CategoryIndex], xq: np.ndarray, k: int, params: fb.IndexParams | None = None,
-               chosen: Sequence[Sequence[int]] | None = None, rerank: int = 0, everything: int | None = None
-               ) -> tuple[list[Candidates], int]:
+               chosen: Sequence[Sequence[int]] | None = None, rerank: int = 0, everything: int | None = None,
+               totals: Sequence[int] | None = None) -> tuple[list[Candidates], int]:
     """Per query the global shortlist: the best ``k * max(1, rerank)`` candidates by index score, each
     with its final score (exact for PQ candidates that are re-ranked), and the re-rank factor used.
 
     A search shard holding some of the categories runs this over its own and passes ``rerank`` (the
-    whole set's factor) and ``everything`` (the whole set's shared-quantizer item count), so its
-    shortlist holds every candidate of its categories that the whole set's shortlist would hold; the
-    router then ``merge``s the shards' shortlists and ``finish``es exactly as one process would."""
+    whole set's factor), ``everything`` (the item count of all searched categories) and ``totals`` (per
+    query, the item count of the categories it searches on all shards), so its shortlist holds every
+    candidate of its categories that the whole set's shortlist would hold; the router then ``merge``s
+    the shards' shortlists and ``finish``es exactly as one process would."""
     nq = len(xq)
     chosen = chosen if chosen is not None else [range(len(cats))] * nq
     per_q: list[list[tuple[np.ndarray, np.ndarray, int]]] = [[] for _ in range(nq)]
     shared = [c for c, ci in enumerate(cats) if ci.shared is not None]
     if shared:
-        rerank = max(rerank, _search_shared(cats, shared, xq, k, params, chosen, per_q, everything))
+        rerank = max(rerank, _search_shared(cats, shared, xq, k, params, chosen, per_q, everything, totals))
     for c, ci in enumerate(cats):
         if ci.shared is not None:
             continue
@@ -118,24 +119,26 @@ def finish(c: Candidates, k: int) -> list[tuple[float, int, int]]:
 
 
 def _search_shared(cats, shared: list[int], xq: np.ndarray, k: int, params, chosen, per_q,
-                   everything: int | None = None) -> int:
+                   everything: int | None = None, totals: Sequence[int] | None = None) -> int:
     """The shared-quantizer categories: one stacked IVF search per group of categories that queries want
     (or an exact scan of a small group); appends (scores, rows, category position) to ``per_q``; returns
-    the re-rank factor used."""
-    groups: dict[tuple[int, ...], list[int]] = {}
+    the re-rank factor used. A shard passes the whole set's ``everything`` and, per query, the item count
+    of every category the query searches on all shards (``totals``): the exact-scan choice and the number
+    of probed lists are then those of one process searching everything."""
+    groups: dict[tuple, list[int]] = {}
     for q in range(len(xq)):
         want = chosen[q]
         key = tuple(c for c in shared if c in want)
         if key:
-            groups.setdefault(key, []).append(q)
+            groups.setdefault((key, None if totals is None else totals[q]), []).append(q)
     rerank = 0
     if everything is None:
         everything = sum(cats[c].infos["count"] for c in shared)
-    for key, qs in groups.items():
+    for (key, group_total), qs in groups.items():
         members = [cats[c] for c in key]
         p = params or members[0].params
         n = k * p.rerank if p.rerank > 0 else k
-        total = sum(m.infos["count"] for m in members)
+        total = sum(m.infos["count"] for m in members) if group_total is None else group_total
         if total < p.exact_scan_below:
             for c, m in zip(key, members):
                 if m.index.ntotal == 0:

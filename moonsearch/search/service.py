@@ -377,8 +377,9 @@ class SearchService:
         iid, title, cat, attrs, group, images, extra = (c[row] for c in cols)
         return Hit(iid, score, title, cat, dict(attrs), group, list(images or []), dict(extra))
 
-    def _locate(self, item_id: str) -> tuple[str, int]:
-        if self._item_loc is None:  # built once: item -> (category, row) and group -> items
+    def _items(self) -> dict[str, tuple[str, int]]:
+        """item -> (category, row), and group -> items in ``self._groups``: built once."""
+        if self._item_loc is None:
             self._item_loc, self._groups = {}, {}
             for slug, cat in self.index.categories.items():
                 ids = cat.meta.column("item_id").to_pylist()
@@ -386,9 +387,14 @@ class SearchService:
                     self._item_loc[iid] = (slug, row)
                     if g:
                         self._groups.setdefault(g, []).append(iid)
-        if item_id not in self._item_loc:
+        return self._item_loc
+
+    def _locate(self, item_id: str) -> tuple[str, int]:
+        loc = self._items().get(item_id)
+        if loc is None:
             raise UnknownItem(f"item {item_id!r} is not in the index {self.index.root}")
-        return self._item_loc[item_id]
+        return loc
 
     def _group_members(self, group: str) -> list[str]:
+        self._items()
         return self._groups.get(group, [])

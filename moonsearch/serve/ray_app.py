@@ -31,9 +31,12 @@ reports the new version. Replicas are not restarted.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -45,6 +48,7 @@ from moonsearch.search.service import Hit, SearchService
 
 log = logging.getLogger("moonsearch.serve")
 APP = "moonsearch"
+_PROCESS = os.urandom(8).hex()  # a new `serve --ray` process (new code, perhaps) replaces the replicas
 SHARD_TIMEOUT_S = float(os.environ.get("MOONSEARCH_SHARD_TIMEOUT_S", 30))  # per call to a shard or the encoder
 
 
@@ -70,8 +74,6 @@ def assign_shards(manifest: dict, n: int) -> list[list[str]]:
 
 
 def read_manifest(root: Path) -> dict:
-    import json
-
     from moonsearch.index.index_set import IndexSet
 
     if not (root / "manifest.json").exists():
@@ -111,6 +113,7 @@ class ShardCore:
 
         self.svc._lexical = lexmod.LexicalSet({s: c.lexical for s, c in self.svc.index.categories.items()},
                                               stats=(terms(s) for s in manifest["categories"]))
+        self.counts = {slug: int(c.get("count", 0)) for slug, c in manifest["categories"].items()}
         self.version = manifest_version(self.root)
 
     def info(self) -> dict:
@@ -126,15 +129,21 @@ class ShardCore:
                                    "readings": readings_of(c)} for s, c in cats.items()}}
 
     def shortlist(self, xq: np.ndarray, k: int, slugs: list[str], chosen: list[set[int]] | None, params,
-                  rerank: int, everything: int) -> list[tuple[Candidates, list[Hit]]]:
+                  rerank: int) -> list[tuple[Candidates, list[Hit]]]:
         """Per query this shard's part of the shortlist over ``slugs`` (category positions are positions in
-        ``slugs``, the router's list), with the hit of each candidate."""
+        ``slugs``, the router's list; ``chosen[q]``: the positions query q searches), with the hit of each
+        candidate. The shared-quantizer choices (exact scan or not, lists probed) follow the item counts
+        of everything the query searches on all shards, as in one process."""
         mine = [i for i, s in enumerate(slugs) if s in self.svc.index.categories]
         if not mine:
             return [(Candidates.empty(), []) for _ in range(len(xq))]
         cats = [self.svc.index.categories[slugs[i]] for i in mine]
         local = None if chosen is None else [{j for j, i in enumerate(mine) if i in want} for want in chosen]
-        found, _ = shortlists(cats, np.ascontiguousarray(xq, np.float32), k, params, local, rerank, everything)
+        everything = sum(self.counts.get(s, 0) for s in slugs)
+        totals = [everything] * len(xq) if chosen is None else \
+            [sum(self.counts.get(slugs[i], 0) for i in want) for want in chosen]
+        found, _ = shortlists(cats, np.ascontiguousarray(xq, np.float32), k, params, local, rerank, everything,
+                              totals)
         out = []
         pos = np.asarray(mine, np.int64)
         for c in found:
@@ -149,21 +158,16 @@ class ShardCore:
     def records(self, item_ids: Sequence[str]) -> dict[str, tuple[np.ndarray, str | None, Hit]]:
         """item -> (stored vector, group id, record) for the items this shard holds."""
         out = {}
+        held = self.svc._items()
         for iid in item_ids:
-            try:
-                slug, row = self.svc._locate(iid)
-            except UnknownItem:
+            if iid not in held:
                 continue
+            slug, row = held[iid]
             group = self.svc.index.categories[slug].meta.column("group_id")[row].as_py()
             out[iid] = (self.svc.product_vector(iid), group, self.svc._hit(slug, row, 0.0))
         return out
 
     def group_members(self, groups: Sequence[str]) -> dict[str, list[str]]:
-        if self.svc._item_loc is None and self.slugs:
-            try:
-                self.svc._locate("")
-            except UnknownItem:
-                pass
         return {g: self.svc._group_members(g) for g in groups}
 
 
@@ -211,7 +215,6 @@ class ShardedService(SearchService):
         manifest_order = [s for s in read_manifest(root)["categories"] if s in cats] or sorted(cats)
         self.owner = {s: i for i, info in enumerate(infos) for s in info["categories"]}
         self.cats = cats
-        self.shared = any(info["shared"] for info in infos)
         self.index = _RemoteIndex(root, infos[0]["encoder"], {s: c["count"] for s, c in cats.items()})
         self._encoder, self._encoder_name, self.device = encoder, None, None
         self.slugs = sorted(cats)
@@ -260,10 +263,8 @@ class ShardedService(SearchService):
 
     def _shortlist_hits(self, xq, k, slugs, chosen, params) -> list[list[Hit]]:
         rerank = max((self.cats[s]["rerank"] for s in slugs), default=0)
-        everything = self._total(slugs) if self.shared else None
         wanted = slugs if chosen is None else sorted({slugs[i] for want in chosen for i in want})
-        answers = self._ask(self._holders(wanted), "shortlist", xq, k, list(slugs), chosen, params, rerank,
-                            everything)
+        answers = self._ask(self._holders(wanted), "shortlist", xq, k, list(slugs), chosen, params, rerank)
         out = []
         for q in range(len(xq)):
             parts = [a[q] for a in answers]
@@ -312,8 +313,11 @@ class ShardedService(SearchService):
 
 
 # ---- Ray Serve deployments -----------------------------------------------------------------------------
+@lru_cache(maxsize=1)
 def _deployments():
-    """The deployment classes (Ray Serve imported only when serving on Ray)."""
+    """The deployment classes (Ray Serve imported only when serving on Ray). Built once per process: a
+    redeploy with the same classes and arguments changes only ``user_config``, so Serve reconfigures the
+    replicas in place instead of replacing them."""
     from ray import serve
 
     class EncoderDeployment:
@@ -411,22 +415,31 @@ def build_app(opts, shards: int = 1, replicas: int = 1, version: str | None = No
     if shards > len(manifest["categories"]):
         raise UserError(f"--shards {shards}: the index has only {len(manifest['categories'])} categories")
     version = version or manifest_version(root)
-    env = {k: v for k, v in os.environ.items() if k.startswith("MOONSEARCH_") and k != "MOONSEARCH_API_KEY"}
+    # what the replicas read of the environment: the model cache, the shard timeout (the API key never)
+    env = {k: os.environ[k] for k in ("MOONSEARCH_CACHE", "MOONSEARCH_SHARD_TIMEOUT_S") if k in os.environ}
     actor = {"num_cpus": cpus, "runtime_env": {"env_vars": env}}
     quiet = {"enable_access_log": False, "log_level": "WARNING"}  # /metrics counts the requests
     enc_cls, shard_cls, router_cls = _deployments()
     model = opts.model or manifest["encoder"]["name"]
-    encoder = serve.deployment(enc_cls, name="Encoder", num_replicas=replicas, ray_actor_options=actor, logging_config=quiet,
-                               max_ongoing_requests=max(64, opts.max_batch * 2)
-                               ).bind(model, opts.max_batch, opts.max_wait_ms)
-    shard_apps = [serve.deployment(shard_cls, name=f"Shard{i}", num_replicas=replicas, ray_actor_options=actor,
-                                   logging_config=quiet,
-                                   user_config={"version": version}).bind(str(root), i, shards)
-                  for i in range(shards)]
     # the router's own micro-batcher waits 0 ms: the Encoder deployment batches across router replicas
     router_opts = replace(opts, index_dir=root, reload_interval=0, max_wait_ms=0.0)
-    router = serve.deployment(router_cls, name="Router", num_replicas=replicas, ray_actor_options=actor, logging_config=quiet,
-                              user_config={"version": version}, max_ongoing_requests=256)
+
+    def deployment(cls, name: str, args: tuple, **kw):
+        # ``serve.run`` gives every deployment a random code version, so a redeploy would replace every
+        # replica. A version derived from this process and what defines the replica (arguments, resources)
+        # makes a redeploy from the same process that changes only ``user_config`` a reconfigure in place
+        # (Serve's lightweight update, which its config-file deploys get from the config's hash); a new
+        # process still replaces the replicas. The option is Serve-internal (ray pinned < 3).
+        key = json.dumps([_PROCESS, name, repr(args), actor, replicas, sorted(kw)], default=str, sort_keys=True)
+        d = serve.deployment(cls, name=name, num_replicas=replicas, ray_actor_options=actor, logging_config=quiet, **kw)
+        return d.options(version=hashlib.sha1(key.encode()).hexdigest()[:16], _internal=True)
+
+    encoder = deployment(enc_cls, "Encoder", (model, opts.max_batch, opts.max_wait_ms),
+                         max_ongoing_requests=max(64, opts.max_batch * 2)).bind(model, opts.max_batch, opts.max_wait_ms)
+    shard_apps = [deployment(shard_cls, f"Shard{i}", (str(root), i, shards), user_config={"version": version}
+                             ).bind(str(root), i, shards) for i in range(shards)]
+    router = deployment(router_cls, "Router", (router_opts, shards), user_config={"version": version},
+                        max_ongoing_requests=256)
     return router.bind(router_opts, encoder, *shard_apps)
 
 

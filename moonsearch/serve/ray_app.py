@@ -15,18 +15,18 @@ Merging is exact: a shard returns its categories' share of the vector shortlist 
 re-ranked scores) and the router keeps the best ``k * rerank`` by index score over all shards before
 ordering by final score, as one process does over all categories (index/multi.py ``shortlists`` /
 ``merge`` / ``finish``); BM25 hits merge by (score, category, row) as LexicalSet orders them. So the
-hits are the single-process service's for per-category indices (tested). With the shared coarse
-quantizer (index sets of 20,000+ items), a shard picks its probed lists among the lists its own
-categories fill, so it probes at least the lists one process probes for them: a shard can only add
-candidates (see README "Scale-out on Ray").
+hits are the single-process service's (tested for per-category IVF-PQ with re-rank and for the shared
+coarse quantizer, where a shard sizes its exact-scan choice and probes from the whole set's counts and
+probes, among its own lists, at least those one process probes for its categories).
 
 A shard that fails or does not answer in ``SHARD_TIMEOUT_S`` makes the request fail with 503 and the
 shard's name: never a merge of the shards that did answer.
 
 Index reload: ``moonsearch serve --ray`` polls the folder's manifest; on a change it redeploys with a new
-``user_config`` (``{"version": ...}``): each shard replica reloads its categories in ``reconfigure``, and
-the router refreshes what it knows of the shards (counts, centroids, the gazetteer) once every shard
-reports the new version. Replicas are not restarted.
+``user_config`` (``{"version": ...}``): each shard replica reloads its categories in ``reconfigure`` (on a
+worker thread; the old ones answer meanwhile), and the router refreshes what it knows of the shards
+(counts, centroids, the gazetteer) once every shard reports the new version. Replicas are not restarted
+(``build_app`` explains the deployment versions that make this so).
 """
 from __future__ import annotations
 

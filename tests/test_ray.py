@@ -82,6 +82,50 @@ def test_ray_index_equals_single_process(local_ray, catalog, clip_tiny, tmp_path
     assert sorted(map(key, again.problems)) == sorted(map(key, local.problems))
 
 
+def test_an_encoder_actor_killed_mid_run_loses_nothing(local_ray, catalog, clip_tiny, tmp_path):
+    """SIGKILL one encoder actor's process while the catalog is being embedded: Ray Data restarts it and
+    retries its batch, or the run fails and a re-run resumes from the embedding cache. Either way every
+    product ends up indexed exactly as a single process indexes it, with the same problems reported."""
+    import signal
+    import threading
+    import time
+
+    from ray._private import state
+
+    local = run_index(IndexJob(catalog, tmp_path / "local", model="clip-tiny"), encoder=clip_tiny)
+    job = IndexJob(catalog, tmp_path / "ray", model="clip-tiny", ray="auto", ray_actors=2, batch_size=2)
+    done: dict = {}
+    seen = []
+
+    def run():
+        try:
+            done["report"] = run_index(job, encoder=clip_tiny, progress=lambda total: seen.append)
+        except Exception as e:  # the run may fail outright: then it must resume
+            done["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    killed = None
+    deadline = time.time() + 300
+    while t.is_alive() and time.time() < deadline and killed is None:
+        actors = [a for a in state.actors().values()
+                  if "EmbedActor" in str(a.get("ActorClassName", "")) and a.get("State") == "ALIVE" and a.get("Pid")]
+        if actors and len(seen) >= 1:
+            killed = actors[0]["Pid"]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    t.join(600)
+    assert killed is not None, "the run finished before an encoder actor could be killed"
+    if "error" in done:  # resume: only what the cache lacks is embedded again
+        again = run_index(IndexJob(catalog, tmp_path / "ray", model="clip-tiny", ray="auto", ray_actors=2),
+                          encoder=clip_tiny)
+        assert again.cached + again.embedded == local.indexed and again.cached > 0
+    _same_index(tmp_path / "local", tmp_path / "ray", clip_tiny)
+    key = lambda p: (p.row, p.item_id, p.field, p.action)  # noqa: E731
+    final = run_index(IndexJob(catalog, tmp_path / "ray", model="clip-tiny", ray="auto"), encoder=clip_tiny)
+    assert final.embedded == 0 and sorted(map(key, final.problems)) == sorted(map(key, local.problems))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

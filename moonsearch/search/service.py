@@ -358,12 +358,14 @@ class SearchService:
         if not categories:
             return self.slugs
         wanted = [parse_category(c) for c in categories]
-        chosen = [s for s in self.slugs
-                  if any(self.index.categories[s].infos["category"][:len(w)] == w for w in wanted)]
+        chosen = [s for s in self.slugs if any(self._path(s)[:len(w)] == w for w in wanted)]
         if not chosen:
-            known = sorted(" > ".join(self.index.categories[s].infos["category"]) for s in self.slugs)
+            known = sorted(" > ".join(self._path(s)) for s in self.slugs)
             raise UnknownItem(f"no indexed category matches {list(categories)}; known: {', '.join(known)}")
         return chosen
+
+    def _path(self, slug: str) -> list[str]:
+        return list(self.index.categories[slug].infos["category"])
 
     def _hit(self, slug: str, row: int, score: float) -> Hit:
         cols = self._columns.get(slug)

@@ -122,7 +122,7 @@ class ShardCore:
 
         cats = self.svc.index.categories
         return {"shard": self.shard, "version": self.version, "slugs": self.slugs,
-                "encoder": self.svc.index.encoder, "shared": self.svc.index.shared is not None,
+                "encoder": self.svc.index.encoder,
                 "categories": {s: {"path": list(c.infos["category"]), "count": int(c.index.ntotal),
                                    "centroid": np.asarray(c.centroid, np.float32),
                                    "rerank": int(c.params.rerank) if (c.is_pq or c.shared is not None) else 0,
@@ -246,17 +246,8 @@ class ShardedService(SearchService):
         return sorted({self.owner[s] for s in slugs})
 
     # ---- the primitives SearchService builds on -----------------------------------------------------
-    def _select(self, categories):
-        if not categories:
-            return self.slugs
-        from moonsearch.utils.io import parse_category
-
-        wanted = [parse_category(c) for c in categories]
-        chosen = [s for s in self.slugs if any(self.cats[s]["path"][:len(w)] == w for w in wanted)]
-        if not chosen:
-            known = sorted(" > ".join(self.cats[s]["path"]) for s in self.slugs)
-            raise UnknownItem(f"no indexed category matches {list(categories)}; known: {', '.join(known)}")
-        return chosen
+    def _path(self, slug: str) -> list[str]:
+        return self.cats[slug]["path"]
 
     def _total(self, slugs: Sequence[str]) -> int:
         return sum(self.cats[s]["count"] for s in slugs)

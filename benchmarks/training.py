@@ -93,7 +93,7 @@ def write_seed_report(summary: dict, out: Path, stem: str) -> None:
     atomic_write_text(seed_table(summary), out / f"{stem}.md")
     names = list(summary)
     tasks = list(summary[names[0]]["tasks"])
-    fig, ax = plt.subplots(figsize=(max(7, len(tasks) * 0.8), 3.8))
+    fig, ax = plt.subplots(figsize=(max(7, len(tasks) * 0.8), 4.6))
     w = 0.8 / len(names)
     for i, n in enumerate(names):
         m = [summary[n]["tasks"][t]["mean"] for t in tasks]
@@ -102,7 +102,7 @@ def write_seed_report(summary: dict, out: Path, stem: str) -> None:
     ax.set_xticks(np.arange(len(tasks)) + w * (len(names) - 1) / 2, tasks, rotation=45, ha="right", fontsize=7)
     ax.set_ylim(0, 1)
     ax.set_title("zero-shot, mean and sd over seeds", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.06), ncol=3)  # above: never over bars
     fig.tight_layout()
     with atomic_path(out / f"{stem}.png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)

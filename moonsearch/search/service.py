@@ -92,13 +92,19 @@ class SearchService:
     def __init__(self, index_dir: str | Path | IndexSet, encoder: Encoder | str | None = None, device: str | None = None):
         """``index_dir``: an index folder, or an IndexSet already loaded (e.g. a shard's categories)."""
         self.index = index_dir if isinstance(index_dir, IndexSet) else IndexSet.load(index_dir)
-        self._encoder = encoder if isinstance(encoder, Encoder) else None
+        if isinstance(encoder, Encoder):
+            self.index.check_encoder(encoder.describe())
+        self._start({s: c.centroid for s, c in self.index.categories.items()}, encoder, device)
+
+    def _start(self, centroids: dict[str, np.ndarray], encoder: Encoder | str | None, device: str | None) -> None:
+        """What every service holds beside its index: the categories in order with their centroids
+        (routing), the encoder (or its name: loaded on first use), the lookups built on first use, and
+        the fusion."""
+        self._encoder = None if encoder is None or isinstance(encoder, str) else encoder  # or one that behaves so
         self._encoder_name = encoder if isinstance(encoder, str) else None
         self.device = device
-        if self._encoder is not None:
-            self.index.check_encoder(self._encoder.describe())
-        self.slugs = sorted(self.index.categories)
-        self.centroids = np.stack([self.index.categories[s].centroid for s in self.slugs])  # (C, d)
+        self.slugs = sorted(centroids)
+        self.centroids = np.stack([centroids[s] for s in self.slugs])  # (C, d)
         self._item_loc: dict[str, tuple[str, int]] | None = None
         self._groups: dict[str, list[str]] = {}
         self._lexical = None

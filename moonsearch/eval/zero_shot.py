@@ -135,7 +135,7 @@ def write(results: list[dict], out: Path, name: str = "zero-shot") -> None:
         ax.bar(np.arange(len(vals)) + i * w, vals, w, label=r["encoder"])
     ax.set_xticks(np.arange(len(labels)) + w * (len(results) - 1) / 2, labels, rotation=45, ha="right", fontsize=7)
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.01), ncol=min(3, len(results)), frameon=False)
     fig.tight_layout()
     with atomic_path(out / f"{name}.png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)

@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from moonsearch.models.base import Product, Query, create_encoder
+from moonsearch.errors import UserError
 from moonsearch.models.moon import moe as moe_mod
 from moonsearch.models.moon.encoder import MoonConfig, build_model, load_pretrained, save_pretrained
 from moonsearch.models.moon.tokens import ATTRIBUTE, CATEGORY, PAD, product_segments, query_segments
@@ -115,6 +116,45 @@ def test_block_pooling_keeps_text_scores_free_of_photos(tiny_folder):
     np.testing.assert_allclose([np.linalg.norm(photo[0, :h]), np.linalg.norm(photo[0, h:])],
                                [a, (1 - a * a) ** 0.5], atol=1e-5)
     np.testing.assert_allclose(photo[0, :h] / a, photo[0, h:] / (1 - a * a) ** 0.5, atol=1e-5)
+
+
+def test_text_block_puts_minilm_beside_the_vector_and_keeps_photo_queries_unreordered(tiny_folder):
+    """text_block c: [(1-c^2)^.5 v, c MiniLM(text)]. Products carry MiniLM of title + category + attributes,
+    text queries MiniLM of their text, photo queries an empty block (so they rank products as without the
+    block); a product's words now reach a text query even where the LM cut has not learned them."""
+    from moonsearch.models.base import product_text
+    from moonsearch.models.moon.encoder import MoonEncoder
+    from moonsearch.models.towers import MiniLMTextTower
+
+    c = 0.55
+    plain = MoonEncoder(build_model(_tiny_cfg(tiny_folder, pool="blocks", text_first=True, cropper="centre")),
+                        "plain", "p")
+    enc = MoonEncoder(build_model(_tiny_cfg(tiny_folder, pool="blocks", text_first=True, cropper="centre",
+                                            text_block=c)), "with-text", "t")
+    d = plain.dim
+    assert enc.dim == d + MiniLMTextTower.dim
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40)]
+    titles = ["red coffee mug", "green desk lamp", "blue office chair", "yellow rain boots"]
+    prods = [Product(t, ["home", t.split()[-1]], {"colour": t.split()[0]}, [Image.new("RGB", (64, 64), col)])
+             for t, col in zip(titles, colours)]
+    p, p0 = enc.encode_products(prods), plain.encode_products(prods)
+    np.testing.assert_allclose(np.linalg.norm(p, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(p[:, :d], (1 - c * c) ** 0.5 * p0, atol=1e-5)
+    m = MiniLMTextTower().embed([product_text(x) for x in prods]).numpy()
+    np.testing.assert_allclose(p[:, d:], c * m, atol=1e-5)
+    photo = enc.encode_queries([Query(image=Image.new("RGB", (64, 64), (200, 30, 30)))])
+    assert np.abs(photo[0, d:]).max() == 0
+    photo0 = plain.encode_queries([Query(image=Image.new("RGB", (64, 64), (200, 30, 30)))])
+    np.testing.assert_allclose(photo[0, :d], photo0[0], atol=1e-6)  # a unit row that ranks as before
+    np.testing.assert_allclose(photo @ p.T, (1 - c * c) ** 0.5 * (photo0 @ p0.T), atol=1e-5)
+    # the untrained tiny LM matches spellings, not meanings; with the block more paraphrases find their product
+    para = [Query(text=t) for t in ("a cup for coffee", "lamp for my desk", "chair for the office", "boots for rainy days")]
+    own = np.arange(4)
+    found = int(((enc.encode_queries(para) @ p.T).argmax(1) == own).sum())
+    found_plain = int(((plain.encode_queries(para) @ p0.T).argmax(1) == own).sum())
+    assert found >= 3 and found > found_plain, (found, found_plain)
+    with pytest.raises(UserError, match="text_block"):
+        MoonEncoder(build_model(_tiny_cfg(tiny_folder, text_block=1.0)), "bad", "b")
 
 
 def test_save_load_round_trip_is_bit_exact(moon_tiny, tmp_path):

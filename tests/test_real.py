@@ -66,7 +66,7 @@ def test_the_check_catches_photos_that_drown_the_text(moon_mini, eval_set):
     image tokens swamp the title, and the check above would fail."""
     from moonsearch.models.moon.encoder import MoonEncoder
 
-    cfg = dataclasses.replace(moon_mini.cfg, pool="mean", text_first=False, visual_product=0.0)
+    cfg = dataclasses.replace(moon_mini.cfg, pool="mean", text_first=False, visual_product=0.0, text_block=0.0)
     model = moon_mini.model
     saved, model.cfg = model.cfg, cfg
     try:

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from moonsearch.index import faiss_backend as fb
 from moonsearch.index import lexical as lexmod
-from moonsearch.utils.io import atomic_write_json, load_npy, swap_in_dir
+from moonsearch.utils.io import RowReader, atomic_write_json, load_npy, swap_in_dir
 from moonsearch.errors import UserError
 
 META_SCHEMA = pa.schema([
@@ -51,6 +51,7 @@ class CategoryIndex:
         self._mapped = mapped  # the faiss index is a read-only memory map of index.faiss
         self.shared = None  # the set's SharedQuantizer, when this category's index is a copy of its template
         self._dense: np.ndarray | None = None  # float32 copy of the vectors, for exact scans (dense())
+        self.rows_reader = RowReader(vectors)  # re-rank reads by pread, not through the map (RowReader)
         self.seq = meta.column("seq").to_numpy()
         self.code = int(infos.get("code", 0))
         self.params = fb.IndexParams(**infos["params"])
@@ -190,6 +191,7 @@ class CategoryIndex:
         atomic_write_json(infos, tmp / "index_infos.json")
         os.chmod(tmp, 0o755)
         self.vectors = None  # release the memory maps before the folder is swapped
+        self.rows_reader.close()
         self.meta = None
         swap_in_dir(tmp, self.path)
         loaded = CategoryIndex.load(self.path, shared=self.shared)
@@ -229,7 +231,7 @@ class CategoryIndex:
 
     def exact(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Exact inner products of one query (d,) with stored rows (m,) -> (m,)."""
-        return np.asarray(self.vectors[rows], np.float32) @ q.astype(np.float32)
+        return self.rows_reader.take(rows) @ q.astype(np.float32)
 
     def search(self, xq: np.ndarray, k: int, params: fb.IndexParams | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(nq, d) float32 queries -> (scores (nq, k), rows (nq, k)); rows index ``meta``, -1 = none.
@@ -237,7 +239,7 @@ class CategoryIndex:
         p = params or self.params
         D, rows = self.approx(xq, self.shortlist_size(k, p), p)
         if self.is_pq and p.rerank > 0 and rows.size:
-            cand = np.asarray(self.vectors[np.maximum(rows, 0).ravel()], np.float32).reshape(*rows.shape, -1)
+            cand = self.rows_reader.take(np.maximum(rows, 0))  # (nq, c, d)
             D = np.einsum("qd,qcd->qc", xq.astype(np.float32), cand)  # exact scores
             D[rows < 0] = -np.inf
             order = np.argsort(-D, axis=1)[:, :k]

@@ -78,6 +78,46 @@ def load_npy(path: str | Path, mmap: bool = False) -> np.ndarray:
     return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
+class RowReader:
+    """Rows of a memory-mapped 2-D ``.npy`` read with ``pread`` instead of through the map.
+
+    Reading a few hundred scattered rows through a memory map faults in whole neighbourhoods of pages
+    and leaves them mapped in the process: at 10M vectors the exact re-rank grew the serving process's
+    file-backed RSS to 5.6 GB after 1,000 queries. ``pread`` copies just the rows' bytes; the kernel's
+    page cache still caches them, but it is shared and reclaimable and never counts as this process's
+    memory. Arrays that are not memory maps are indexed directly."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self._fd: int | None = None
+        if isinstance(array, np.memmap) and array.ndim == 2 and array.flags.c_contiguous and array.filename:
+            self._fd = os.open(array.filename, os.O_RDONLY)
+            self._offset, self._row = int(array.offset), array.shape[1] * array.itemsize
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """``array[rows]`` as float32, rows: an int array of any shape -> rows.shape + (d,)."""
+        rows = np.asarray(rows, np.int64)
+        if self._fd is None:
+            return np.asarray(self.array[rows], np.float32)
+        flat = rows.ravel()
+        if flat.size and (flat.min() < 0 or flat.max() >= len(self.array)):
+            raise IndexError(f"row out of range [0, {len(self.array)}) in {self.array.filename}")
+        out = np.empty((flat.size, self.array.shape[1]), self.array.dtype)
+        buf, n = memoryview(out).cast("B"), self._row
+        for i, r in enumerate(flat.tolist()):
+            if os.preadv(self._fd, [buf[i * n:(i + 1) * n]], self._offset + r * n) != n:
+                raise OSError(f"{self.array.filename}: short read at row {r}")
+        return out.astype(np.float32).reshape(*rows.shape, -1)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        self.close()
+
+
 def append_jsonl(rows: list[dict], path: str | Path) -> None:
     """Append JSON lines and fsync; used for logs where a torn last line is tolerated on read."""
     path = Path(path)

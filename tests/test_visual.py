@@ -113,7 +113,7 @@ def test_moon_fingerprint_changes_with_anything_that_changes_the_vectors():
     base = vector_fingerprint(cfg, b"weights")
     assert vector_fingerprint(cfg, b"weights") == base
     for change in (dict(pool="mean"), dict(text_first=False), dict(visual_product=0.0), dict(cropper="centre"),
-                   dict(visual_whitening=""), dict(visual_crops=False)):
+                   dict(visual_whitening=""), dict(visual_crops=False), dict(text_block=0.0), dict(text_block=0.7)):
         assert vector_fingerprint(dataclasses.replace(cfg, **change), b"weights") != base, change
     assert vector_fingerprint(cfg, b"other weights") != base
 

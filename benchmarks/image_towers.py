@@ -28,6 +28,7 @@ from moonsearch.models.base import l2_normalize
 from moonsearch.models.towers import GEM_P, pil_to_tensor
 from moonsearch.models.visual import fit_whitening
 from moonsearch.utils.io import atomic_write_json, atomic_write_text
+from visual_levers import score  # the same R@10 over n(clean + listing) and listing alone (this folder)
 
 
 @torch.inference_mode()
@@ -39,18 +40,12 @@ def gem_head(model, images: list, size: int) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-def r10(q: np.ndarray, p: np.ndarray, tgt: np.ndarray) -> float:
-    s = q @ p.T
-    return float(((s > s[np.arange(len(tgt)), tgt][:, None]).sum(1) < 10).mean())
-
-
 def scores(f: dict[str, np.ndarray], tgt: np.ndarray) -> dict:
     mean, proj = fit_whitening(np.concatenate(list(f.values())), 256, 1.0)
     out = {}
     for form, t in (("raw", lambda x: l2_normalize(x)),
                     ("whitened", lambda x: l2_normalize((l2_normalize(x) - mean) @ proj))):
-        c, l, q = (t(f[p]) for p in ("clean", "listing", "q"))
-        out[form] = {"R@10": r10(q, l2_normalize(c + l), tgt), "listing-only R@10": r10(q, l, tgt)}
+        out[form] = score(*(t(f[p]) for p in ("clean", "listing", "q")), tgt)
     return out
 
 

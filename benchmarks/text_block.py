@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from moonsearch.eval import zero_shot
 from moonsearch.models.base import Encoder, create_encoder, product_text
-from moonsearch.models.moon.encoder import MoonEncoder
+from moonsearch.models.moon.encoder import MoonEncoder, with_text_block
 from moonsearch.models.towers import MiniLMTextTower
 from moonsearch.utils.io import atomic_write_json, atomic_write_text
 
@@ -47,7 +47,7 @@ def train_queries_world(data: Path, out: Path) -> Path:
 
 class Recomposed(Encoder):
     """moon-mini without the block, computed once per call (the evaluation calls in a fixed order), and
-    MiniLM beside it with weight c, composed as MoonEncoder._with_text does."""
+    MiniLM beside it with weight c, composed by the encoder's own with_text_block."""
 
     def __init__(self, base: MoonEncoder, text: MiniLMTextTower, c: float, memo: list):
         self.base, self.text, self.c, self.memo, self.k = base, text, c, memo, 0
@@ -62,10 +62,7 @@ class Recomposed(Encoder):
             self.memo.append((encode(items), m, has))
         v, m, has = self.memo[self.k]
         self.k += 1
-        c = np.full((len(v), 1), self.c, np.float32)
-        if not products:
-            c[~has] = 0.0
-        return np.concatenate([np.sqrt(1 - c * c) * v, c * m], 1)
+        return with_text_block(v, m, has, self.c, products)
 
     def encode_products(self, products, batch_size: int = 8):
         return self._get(self.base.encode_products, products, [product_text(p) for p in products], True)

@@ -158,6 +158,16 @@ class MoonModel(nn.Module):
         return out
 
 
+def with_text_block(vecs: np.ndarray, m: np.ndarray, has_text: np.ndarray, c: float, products: bool) -> np.ndarray:
+    """[(1-c^2)^.5 vecs ; c m] per row. Every product gets the factor (its m is zeros when it has no text
+    at all), so the block never rescales one product against another; a query without text stays
+    [vecs, 0], a unit row that ranks as vecs does."""
+    w = np.full((len(vecs), 1), c, np.float32)
+    if not products:
+        w[~np.asarray(has_text, bool)] = 0.0
+    return np.concatenate([np.sqrt(1 - w * w) * vecs, w * m], 1).astype(np.float32)
+
+
 class MoonEncoder(Encoder):
     def __init__(self, model: MoonModel, name: str, fingerprint: str, device: str | None = None):
         self.model = model.eval()
@@ -266,19 +276,14 @@ class MoonEncoder(Encoder):
         return vis.compose(sem, vis.group_mean(feats, sizes), self.visual.weights(vis.input_kinds(texts, sizes, products)))
 
     def _with_text(self, vecs: np.ndarray, texts: list, products: bool) -> np.ndarray:
-        """The text block beside ``vecs`` (MoonConfig.text_block), when configured. Every product is
-        [(1-c^2)^.5 v, c m] (zeros for m when it has no text at all), so the block never rescales one
-        product against another; a query without text stays [v, 0], a unit row that ranks as v does."""
+        """The text block beside ``vecs`` (MoonConfig.text_block), when configured (see with_text_block)."""
         if self.text_tower is None:
             return vecs
         has = np.array([bool(t and t.strip()) for t in texts], bool)
         m = np.zeros((len(texts), self.text_tower.dim), np.float32)
         if has.any():
             m[has] = self.text_tower.embed([t for t, h in zip(texts, has) if h]).numpy()
-        c = np.full((len(texts), 1), self.cfg.text_block, np.float32)
-        if not products:
-            c[~has] = 0.0
-        return np.concatenate([np.sqrt(1 - c * c) * vecs, c * m], 1).astype(np.float32)
+        return with_text_block(vecs, m, has, self.cfg.text_block, products)
 
     def encode_products(self, products: Sequence[Product], batch_size: int = 8) -> np.ndarray:
         from moonsearch.models.towers import shared_feature_maps

@@ -55,11 +55,7 @@ class Recomposed(Encoder):
 
     def _get(self, encode, items, texts, products: bool) -> np.ndarray:
         if self.k == len(self.memo):
-            has = np.array([bool(t and t.strip()) for t in texts])
-            m = np.zeros((len(texts), self.text.dim), np.float32)
-            if has.any():
-                m[has] = self.text.embed([t for t, h in zip(texts, has) if h]).numpy()
-            self.memo.append((encode(items), m, has))
+            self.memo.append((encode(items), *self.text.embed_present(texts)))
         v, m, has = self.memo[self.k]
         self.k += 1
         return with_text_block(v, m, has, self.c, products)

@@ -27,7 +27,6 @@ STAGES = {
     2: [(3, 1, 1, 32, 16, 1), (3, 2, 6, 16, 24, 3), (5, 2, 6, 24, 48, 3), (3, 2, 6, 48, 88, 4),
         (5, 1, 6, 88, 120, 4), (5, 2, 6, 120, 208, 5), (3, 1, 6, 208, 352, 1)],
 }
-LITE0_STAGES = STAGES[0]
 TRAINED_SIZE = {0: 224, 1: 240, 2: 260}  # each variant's ImageNet training resolution
 FEATURE_DIM = 1280
 IMAGE_SIZE = 224
@@ -105,11 +104,6 @@ class EfficientNetLite(nn.Module):
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         return self._fc(features)  # (B, 1000)
-
-
-class EfficientNetLite0(EfficientNetLite):
-    def __init__(self, num_classes: int = 1000):
-        super().__init__(0, num_classes)
 
 
 @lru_cache(maxsize=None)

@@ -165,3 +165,12 @@ class MiniLMTextTower:
             e = (h * m).sum(1) / m.sum(1).clamp(min=1)
             out.append(torch.nn.functional.normalize(e.float(), dim=-1).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.dim)
+
+    def embed_present(self, texts: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+        """(n, 384) float32 embeddings of the texts that are present, zeros for empty or None ones, and
+        the (n,) bool mask of which were present."""
+        has = np.array([bool(t and t.strip()) for t in texts], bool)
+        m = np.zeros((len(texts), self.dim), np.float32)
+        if has.any():
+            m[has] = self.embed([t for t, h in zip(texts, has) if h]).numpy()
+        return m, has

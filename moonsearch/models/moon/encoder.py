@@ -279,10 +279,7 @@ class MoonEncoder(Encoder):
         """The text block beside ``vecs`` (MoonConfig.text_block), when configured (see with_text_block)."""
         if self.text_tower is None:
             return vecs
-        has = np.array([bool(t and t.strip()) for t in texts], bool)
-        m = np.zeros((len(texts), self.text_tower.dim), np.float32)
-        if has.any():
-            m[has] = self.text_tower.embed([t for t, h in zip(texts, has) if h]).numpy()
+        m, has = self.text_tower.embed_present(texts)
         return with_text_block(vecs, m, has, self.cfg.text_block, products)
 
     def encode_products(self, products: Sequence[Product], batch_size: int = 8) -> np.ndarray:

@@ -24,6 +24,37 @@ def test_fit_and_eval_share_no_vendor_and_no_photograph():
         real.check_disjoint(sp["fit"], dataclasses.replace(sp["eval"], queries=("tabler",)))
 
 
+def test_the_wide_fitting_pool_holds_no_eval_vendor_and_no_set_that_redraws_one(monkeypatch):
+    real.check_wide_pool()
+    assert not set(real.WIDE_GLYPHS) & {"mdi", "lucide", "tabler", "ph"}  # eval, and fit's query vendors
+    for relative in ("feather", "fluent", "icons8"):  # lucide forks feather; fluent-color; flat-color-icons
+        monkeypatch.setitem(real.WIDE_GLYPHS, relative, "1.2.0")
+        with pytest.raises(ValueError, match=relative):
+            real.check_wide_pool()
+        monkeypatch.delitem(real.WIDE_GLYPHS, relative)
+
+
+def test_a_listing_photo_knows_where_its_product_was_pasted(eval_set):
+    """The ground-truth box (what the crop bench scores croppers against) frames the product's drawing."""
+    def ink_error(i, box):
+        x0, y0, x1, y1 = box
+        clean = np.asarray(eval_set.clean[i].resize((x1 - x0, y1 - y0)), np.float32)
+        seen = np.asarray(eval_set.listing[i].crop(box), np.float32)
+        ink = clean.mean(2) < 200
+        return np.abs(clean - seen)[ink].mean()
+
+    for i in range(0, 60, 7):
+        x0, y0, x1, y1 = box = eval_set.listing_boxes[i]
+        assert 0 <= x0 < x1 <= 320 and 0 <= y0 < y1 <= 320
+        side = x1 - x0
+        assert side == y1 - y0 and side >= int(320 * 0.42)  # the product is the big drawing
+        shifted = (max(0, x0 - side // 3), y0, max(0, x0 - side // 3) + side, y1) if x0 >= side // 3 else \
+            (x0 + side // 3, y0, x0 + side // 3 + side, y1)
+        if shifted[2] <= 320:
+            assert ink_error(i, box) < 0.5 * ink_error(i, shifted), (i, box)
+        assert ink_error(i, box) < 20, (i, box)
+
+
 def test_eval_set_draws_only_on_eval_vendors(eval_set):
     sp = real.splits()["eval"]
     assert set(eval_set.sources) <= set(sp.products)

@@ -39,6 +39,25 @@ SOURCES = {
     "streamline-ultimate-color": "1.2.2", "streamline-freehand-color": "1.2.2", "tabler": "1.2.41",
     "ph": "1.2.2",
 }
+# The WIDE pool: more vendors for fitting only (never judged on), for learned maps that should see many
+# styles. Glyph sets drawn in one ink, and IconPark's multi-colour set (its icons with 3+ fill colours).
+WIDE_GLYPHS = {
+    "akar-icons": "1.2.7", "ant-design": "1.2.9", "basil": "1.2.4", "bi": "1.2.7", "bx": "1.2.3", "carbon": "1.2.29",
+    "cil": "1.2.3", "clarity": "1.2.4", "fa6-solid": "1.2.4", "fa6-regular": "1.2.4", "game-icons": "1.2.4",
+    "gravity-ui": "1.2.15", "healthicons": "1.2.13", "heroicons": "1.2.3", "hugeicons": "1.2.35",
+    "icon-park-outline": "1.2.4", "iconamoon": "1.2.2", "iconoir": "1.2.11", "ion": "1.2.7", "la": "1.2.1",
+    "majesticons": "1.2.5", "mingcute": "1.2.8", "mynaui": "1.2.19", "proicons": "1.2.20", "ri": "1.2.10",
+    "solar": "1.2.13", "streamline": "1.2.5", "streamline-flex": "1.2.3", "streamline-plump": "1.2.0",
+    "streamline-ultimate": "1.2.2", "system-uicons": "1.2.4", "tdesign": "1.2.19", "uil": "1.2.3",
+    "pepicons-pop": "1.2.4",
+}
+WIDE_COLOUR = {"icon-park": "1.2.4"}
+SOURCES.update(WIDE_GLYPHS | WIDE_COLOUR)
+# sets that redraw an eval vendor's icons (Google's Material icons are in mdi, lucide forks feather,
+# fluent-color colours Fluent UI's glyphs, flat-color-icons is Icons8's): never in any fitting pool
+EVAL_RELATIVES = ("ic", "material-symbols", "material-symbols-light", "mdi-light", "feather", "lucide-lab",
+                  "fluent", "fluent-mdl2", "icons8", "line-md")
+
 # photographs for listing photos: scikit-image's and matplotlib's; the fit split's are the ones the
 # synthetic world uses as backgrounds (moonsearch.data.render.PHOTOS), the eval split's are disjoint
 EVAL_PHOTOS = ("camera", "clock", "coins", "moon", "page", "text", "grace_hopper")
@@ -69,6 +88,15 @@ def check_disjoint(a: Split, b: Split) -> None:
     shared = (set(a.products + a.queries) & set(b.products + b.queries)) | (set(a.photos) & set(b.photos))
     if shared:
         raise ValueError(f"splits {a.name} and {b.name} share sources: {sorted(shared)}")
+
+
+def check_wide_pool() -> None:
+    """Raise if the wide pool holds an eval vendor or one of its relatives, or emoji artwork."""
+    ev = splits()["eval"]
+    bad = set(WIDE_GLYPHS | WIDE_COLOUR) & (set(ev.products + ev.queries) | set(EVAL_RELATIVES))
+    bad |= {s for s in WIDE_GLYPHS | WIDE_COLOUR if any(w in s for w in ("emoji", "noto", "twemoji", "openmoji"))}
+    if bad:
+        raise ValueError(f"the wide pool holds held-out or related sources: {sorted(bad)}")
 
 
 # ---- fetching and drawing -------------------------------------------------------------------------
@@ -144,8 +172,9 @@ def draw(source: str, name: str, size: int = 224, ink: str = "#202020") -> Image
 
 
 def listing_photo(main: Image.Image, distractors: list[Image.Image], background: np.ndarray,
-                  rng: np.random.Generator, size: int = 320) -> Image.Image:
-    """``main`` pasted into a crop of a real photograph, distractor drawings beside it."""
+                  rng: np.random.Generator, size: int = 320) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """``main`` pasted into a crop of a real photograph, distractor drawings beside it; and the box
+    (x0, y0, x1, y1) that ``main`` was pasted into (the core product's ground truth)."""
     h, w = background.shape[:2]
     s = min(h, w)
     y, x = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
@@ -154,8 +183,9 @@ def listing_photo(main: Image.Image, distractors: list[Image.Image], background:
         side = int(size * (rng.uniform(0.42, 0.6) if k == len(distractors) else rng.uniform(0.18, 0.3)))
         tile = img.resize((side, side), Image.BILINEAR)
         mask = Image.fromarray((np.asarray(tile.convert("L")) < 245).astype(np.uint8) * 255)  # drop white
-        canvas.paste(tile, (int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))), mask)
-    return canvas
+        x, y = int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))
+        canvas.paste(tile, (x, y), mask)
+    return canvas, (x, y, x + side, y + side)
 
 
 # ---- the check's data -----------------------------------------------------------------------------
@@ -169,6 +199,7 @@ class RealSet:
     sources: list[str] = field(default_factory=list)
     clean: list[Image.Image] = field(default_factory=list)
     listing: list[Image.Image] = field(default_factory=list)
+    listing_boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # where the product was pasted
     queries: list[dict] = field(default_factory=list)  # {"modality", "text", "image", "item_id", "source"}
 
 
@@ -212,7 +243,9 @@ def build(split: str = "eval", seed: int = 0, max_products: int | None = None, s
         others = [j for j in by_source[src] if j != i]
         pick = rng.choice(others, size=min(2, len(others)), replace=False) if others else []
         bg = photo(sp.photos[int(rng.integers(len(sp.photos)))])
-        out.listing.append(listing_photo(out.clean[i], [out.clean[j] for j in pick], bg, rng))
+        photo_, box = listing_photo(out.clean[i], [out.clean[j] for j in pick], bg, rng)
+        out.listing.append(photo_)
+        out.listing_boxes.append(box)
     for i, c in enumerate(names):
         out.queries.append({"modality": "text", "text": words(c), "image": None, "item_id": out.item_ids[i],
                             "source": ""})
@@ -224,4 +257,44 @@ def build(split: str = "eval", seed: int = 0, max_products: int | None = None, s
                 out.queries.append({"modality": "text+image", "text": words(c).split()[-1], "image": img,
                                     "item_id": out.item_ids[i], "source": qsrc})
                 break  # one drawing per concept: the first query vendor that has it
+    return out
+
+
+def build_wide(seed: int = 1, size: int = 224) -> RealSet:
+    """The wide fitting pool as a set: products are the colour drawings of streamline-ultimate-color (the
+    fit split's, name prefix dropped) and IconPark's multi-colour icons, each with a listing photo over the
+    fit split's photographs; image queries are every wide glyph vendor's drawing of the same concept (one
+    query per vendor that draws it). Never judged on: a check of a map fitted here holds vendors out."""
+    check_wide_pool()
+    rng = np.random.default_rng(seed)
+    chosen: dict[str, tuple[str, str]] = {}
+    for c, name in concepts("streamline-ultimate-color").items():
+        chosen.setdefault(c.split("-", 1)[-1], ("streamline-ultimate-color", name))
+    icons = fetch("icon-park")["icons"]
+    for c, name in concepts("icon-park").items():
+        if len(set(re.findall(r"#[0-9a-fA-F]{3,6}", icons[name]["body"]))) >= 3:
+            chosen.setdefault(c, ("icon-park", name))
+    names = sorted(chosen)
+    out = RealSet("wide")
+    for i, c in enumerate(names):
+        src, name = chosen[c]
+        out.item_ids.append(f"wide-{i:04d}")
+        out.titles.append(words(c))
+        out.sources.append(src)
+        out.clean.append(draw(src, name, size))
+    by_source: dict[str, list[int]] = {}
+    for i, s in enumerate(out.sources):
+        by_source.setdefault(s, []).append(i)
+    photos = splits()["fit"].photos
+    for i, src in enumerate(out.sources):
+        pick = rng.choice([j for j in by_source[src] if j != i], size=2, replace=False)
+        image, box = listing_photo(out.clean[i], [out.clean[j] for j in pick], photo(photos[int(rng.integers(len(photos)))]), rng)
+        out.listing.append(image)
+        out.listing_boxes.append(box)
+    glyphs = {g: concepts(g) for g in WIDE_GLYPHS}
+    for i, c in enumerate(names):
+        for g, gc in glyphs.items():
+            if c in gc:
+                out.queries.append({"modality": "image", "text": None, "image": draw(g, gc[c], size),
+                                    "item_id": out.item_ids[i], "source": g})
     return out

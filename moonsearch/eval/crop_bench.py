@@ -1,8 +1,10 @@
 """Core-product cropper evaluation: mean IoU and hit rate (IoU >= 0.5) against ground-truth boxes.
 
 Held-out noisy listing photos (a seed the demo and clip-mini's fitting never use), in two sets:
-real photographic backgrounds only (scikit-image's photos), and the listing mix. Baselines: no crop
-(the whole image) and a centre crop.
+real photographic backgrounds only (scikit-image's photos), and the listing mix; and a third set of
+real artwork (``real_split``: the real-artwork check's listing photos, a real drawing pasted into a
+real photograph beside two drawings of the same vendor, with the box it was pasted into). Baselines:
+no crop (the whole image) and a centre crop.
 """
 from __future__ import annotations
 
@@ -21,15 +23,24 @@ class NoCrop:
         return 0, 0, *image.size
 
 
-def evaluate(n: int = 300, seed: int = 777, size: int = 160, croppers=None) -> list[dict]:
+def evaluate(n: int = 300, seed: int = 777, size: int = 160, croppers=None, real_split: str | None = "fit") -> list[dict]:
     croppers = croppers or [NoCrop(), *(make_cropper(name) for name in cropper_names(offline=True))]
     rows = []
-    for label, bg in (("photographic backgrounds", [0, 0, 0, 1.0]), ("listing mix", None)):
+    sets = [("photographic backgrounds", [0, 0, 0, 1.0]), ("listing mix", None)]
+    if real_split:
+        sets.append((f"real artwork ({real_split} split)", real_split))
+    for label, bg in sets:
         rng = np.random.default_rng(seed)
-        samples = [render(s, rng, size, "listing", bg) for s in sample_specs(n, seed)]
+        if isinstance(bg, str):
+            from moonsearch.data import real
+
+            data = real.build(bg, max_products=n)
+            samples = list(zip(data.listing, data.listing_boxes))[:n]
+        else:
+            samples = [render(s, rng, size, "listing", bg) for s in sample_specs(n, seed)]
         for c in croppers:
             scores = np.array([iou(c.box(img), box) for img, box in samples])
-            rows.append({"set": label, "cropper": c.name, "images": n, "mean_iou": float(scores.mean()),
+            rows.append({"set": label, "cropper": c.name, "images": len(samples), "mean_iou": float(scores.mean()),
                          "hit_rate@0.5": float((scores >= 0.5).mean())})
     return rows
 

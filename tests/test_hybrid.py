@@ -114,6 +114,29 @@ def test_understood_values_lead_in_every_mode(svc):
         assert plain.understood == {}
 
 
+def test_the_filtered_side_searches_only_categories_that_hold_the_values(svc, monkeypatch):
+    """A query understood as an attribute value without a category ("compact camera" -> style=compact)
+    searches, on its filtered side, only the categories where some item carries every value, and finds
+    what a search of every category finds."""
+    items = _catalog(svc)
+    paths = {}
+    for m in items:
+        for key, v in json.loads(m["attributes"]).items():
+            paths.setdefault((key, v), set()).add(" > ".join(m["category"]))
+    (key, value), where = min(paths.items(), key=lambda kv: (len(kv[1]), kv[0]))  # the rarest value
+    assert svc._holding({key: value}, None) == sorted(where, key=lambda p: svc.slugs.index(
+        next(s for s in svc.slugs if " > ".join(svc._path(s)) == p)))
+    leaf = next(iter(where))
+    assert svc._holding({key: value, "category": leaf}, None) == [leaf]
+    assert svc._holding({key: "no such value"}, None) == []
+    queries = sorted({v for (k, v) in paths if k == key})[:6]
+    narrowed = {(q, mode): [h.item_id for h in svc.search(q, k=10, mode=mode).hits]
+                for q in queries for mode in ("vector", "hybrid", "lexical")}
+    monkeypatch.setattr(svc, "_holding", lambda filters, categories: [" > ".join(svc._path(s)) for s in svc.slugs])
+    for (q, mode), ids in narrowed.items():
+        assert [h.item_id for h in svc.search(q, k=10, mode=mode).hits] == ids, (q, mode)
+
+
 def test_exact_title_and_product_code_queries(svc):
     items = _catalog(svc)
     hits1 = sum(svc.search(m["title"], k=1, mode="lexical", understand=False).hits[0].item_id == m["item_id"]

@@ -32,6 +32,7 @@ that the this to under was were with without""".split())
 _TOKEN = re.compile(r"[a-z0-9]+")
 
 
+@lru_cache(maxsize=1 << 16)  # pure, and called on the same attribute values for every candidate of a filter
 def fold(text: str) -> str:
     """Accent- and case-folded text: 'Crème Brûlée' -> 'creme brulee'."""
     if text.isascii():
@@ -133,24 +134,32 @@ class LexicalSet:
                 df[t] = df.get(t, 0) + d
         self.avgdl = total_len / max(1, self.n_docs)
         self.df = df
+        # (slug, term) -> (rows, BM25 weights): a term's weights in a category never change, and a
+        # server scores the same few hundred query terms over and over (bounded: postings are copies)
+        self._postings = lru_cache(maxsize=1 << 13)(self._weights)
 
     def idf(self, term: str) -> float:
         d = self.df.get(term, 0)
         return float(np.log(1.0 + (self.n_docs - d + 0.5) / (d + 0.5)))
 
+    def _weights(self, slug: str, term: str) -> tuple[np.ndarray, np.ndarray] | None:
+        p = self.parts[slug]
+        j = p.term_id.get(term)
+        if j is None:
+            return None
+        lo, hi = p.csc.indptr[j], p.csc.indptr[j + 1]
+        rows, tf = p.csc.indices[lo:hi], p.csc.data[lo:hi]
+        norm = K1 * (1 - B + B * p.doc_len[rows] / max(self.avgdl, 1e-9))
+        return rows.copy(), (self.idf(term) * tf / (tf + norm)).astype(np.float32)
+
     def scores(self, slug: str, terms: Sequence[str]) -> np.ndarray:
         """BM25 of every item of category ``slug`` for the analysed query ``terms`` (a term repeated in
         the query counts once per repetition, as in bm25s and Lucene)."""
-        p = self.parts[slug]
-        out = np.zeros(p.n, np.float32)
-        norm = K1 * (1 - B + B * p.doc_len / max(self.avgdl, 1e-9))
+        out = np.zeros(self.parts[slug].n, np.float32)
         for t in terms:
-            j = p.term_id.get(t)
-            if j is None:
-                continue
-            lo, hi = p.csc.indptr[j], p.csc.indptr[j + 1]
-            rows, tf = p.csc.indices[lo:hi], p.csc.data[lo:hi]
-            out[rows] += self.idf(t) * tf / (tf + norm[rows])
+            got = self._postings(slug, t)
+            if got is not None:
+                out[got[0]] += got[1]
         return out
 
     def search(self, query: str, k: int, slugs: Sequence[str] | None = None) -> list[tuple[float, str, int]]:
@@ -160,12 +169,18 @@ class LexicalSet:
             return []
         found = []
         for slug in slugs if slugs is not None else list(self.parts):
-            s = self.scores(slug, terms)
-            hit = np.flatnonzero(s > 0)
-            if not len(hit):
+            posts = [got for t in terms if (got := self._postings(slug, t)) is not None]
+            if not posts:  # no query term in this category
                 continue
+            if len(posts) == 1:
+                hit, s = posts[0]
+            else:
+                s = self.scores(slug, terms)
+                hit = np.flatnonzero(s > 0)
+                s = s[hit]
             if len(hit) > k:
-                hit = hit[np.argpartition(-s[hit], k - 1)[:k]]
-            found += [(float(s[r]), slug, int(r)) for r in hit]
+                top = np.argpartition(-s, k - 1)[:k]
+                hit, s = hit[top], s[top]
+            found += [(float(v), slug, int(r)) for v, r in zip(s.tolist(), hit.tolist())]
         found.sort(key=lambda x: (-x[0], x[1], x[2]))
         return found[:k]

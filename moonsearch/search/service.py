@@ -56,6 +56,21 @@ class SearchResult:
     mode: str = "vector"
 
 
+def remembered(where: Callable[[Hit], bool] | None) -> Callable[[Hit], bool] | None:
+    """``where`` asked once per item: the widening rounds of a filtered search see their first
+    candidates again, and the filter (query understanding's, an attribute filter) is the costly part."""
+    if where is None:
+        return None
+    seen: dict[str, bool] = {}
+
+    def ask(hit: Hit) -> bool:
+        v = seen.get(hit.item_id)
+        if v is None:
+            v = seen[hit.item_id] = bool(where(hit))
+        return v
+    return ask
+
+
 def candidates(k: int) -> int:
     """How many hits each side of a hybrid search contributes before fusion."""
     return max(k, CANDIDATES)
@@ -109,6 +124,8 @@ class SearchService:
         self._groups: dict[str, list[str]] = {}
         self._lexical = None
         self._gazetteer = None
+        self._readings: dict | None = None
+        self._value_holders: dict[tuple[str, str], set[str]] | None = None
         self._columns: dict[str, list[list]] = {}
         # convex fusion, alpha 0.6: fitted on the behaviour log's validation slice, where it beat RRF for
         # both clip-mini and moon-mini (benchmarks/hybrid.py); fusion = "rrf" gives reciprocal rank fusion
@@ -129,8 +146,36 @@ class SearchService:
         if self._gazetteer is None:
             from moonsearch.search.understand import Gazetteer
 
-            self._gazetteer = Gazetteer.from_index(self.index)
+            readings = self._category_readings()
+            self._gazetteer = Gazetteer.from_parts(readings[s] for s in self.index.categories)
         return self._gazetteer
+
+    def _category_readings(self) -> dict:
+        """slug -> the category's readings (query understanding's vocabulary), read once."""
+        if self._readings is None:
+            from moonsearch.search.understand import readings_of
+
+            self._readings = {s: readings_of(c) for s, c in self.index.categories.items()}
+        return self._readings
+
+    def _holding(self, filters: dict[str, str], categories: Sequence[str] | None) -> list[str]:
+        """The categories (full paths) that can hold an item carrying every filter value: under the
+        filter's category, and holding each attribute value somewhere. Empty: no item can."""
+        from moonsearch.index.lexical import fold
+
+        if self._value_holders is None:
+            self._value_holders = {}
+            for slug, readings in self._category_readings().items():
+                for r in readings:
+                    if r.key != "category":
+                        self._value_holders.setdefault((r.key, fold(r.value)), set()).add(slug)
+        chosen = set(self._select(categories))
+        if "category" in filters:
+            chosen &= set(self._select([filters["category"]]))
+        for key, value in filters.items():
+            if key != "category":
+                chosen &= self._value_holders.get((key, fold(str(value))), set())
+        return [" > ".join(self._path(s)) for s in self.slugs if s in chosen]
 
     @property
     def encoder(self) -> Encoder:
@@ -182,9 +227,9 @@ class SearchService:
         n = candidates(k)
         filt, fcats = None, categories
         if und and und.filters:
-            filt = lambda h: und.matches(h.category, h.attributes)[0] == len(und.filters)  # noqa: E731
-            if "category" in und.filters and not categories:  # the filtered side searches that category only
-                fcats = [und.filters["category"]]
+            filt = lambda h: und.carries_filters(h.category, h.attributes)  # noqa: E731
+            # the filtered side searches only the categories that can hold such an item
+            fcats = self._holding(und.filters, categories)
 
         def both(pred):
             if where is None:
@@ -208,7 +253,7 @@ class SearchService:
             # hits carrying every filter value rank first; when the candidates hold fewer than k of them,
             # the filtered rankings (widened until they have n hits or run out) add the missing ones
             have = {h.item_id for lst in (*vec_lists, *lex_lists) for h in lst if filt(h)}
-            if len(have) < k:
+            if len(have) < k and fcats:
                 if vec_lists:
                     vec_lists.append(self.search_vectors(xq, n, fcats, route, exclude, where=both(filt))[0])
                 if lex_lists:
@@ -220,6 +265,7 @@ class SearchService:
         slugs = self._select(categories)
         total = self._total(slugs)
         kk = n + (len(exclude) if exclude else 0)
+        where = remembered(where)
         while True:
             found = self._lexical_top(text, kk if where is None else min(total, kk * 4), slugs)
             hits = [h for *_, h in found if not (exclude and h.item_id in exclude) and (where is None or where(h))]
@@ -324,6 +370,7 @@ class SearchService:
         kk = k + (len(exclude) if exclude else 0)
         if where is not None:
             kk *= 2
+            where = remembered(where)
         out: list[list[Hit] | None] = [None] * len(xq)
         todo = list(range(len(xq)))
         while todo:
@@ -382,8 +429,9 @@ class SearchService:
             cols[3] = [json.loads(a or "{}") for a in cols[3]]
             cols[6] = [json.loads(e or "{}") for e in cols[6]]
             self._columns[slug] = cols
-        iid, title, cat, attrs, group, images, extra = (c[row] for c in cols)
-        return Hit(iid, score, title, cat, dict(attrs), group, list(images or []), dict(extra))
+        images = cols[5][row]
+        return Hit(cols[0][row], score, cols[1][row], cols[2][row], dict(cols[3][row]), cols[4][row],
+                   list(images) if images else [], dict(cols[6][row]))
 
     def _items(self) -> dict[str, tuple[str, int]]:
         """item -> (category, row), and group -> items in ``self._groups``: built once."""

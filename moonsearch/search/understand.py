@@ -74,6 +74,19 @@ class Understood:
 
         return sum(has(k, w) for k, w in self._want[0]), sum(has(k, w) for k, w in self._want[1])
 
+    def carries_filters(self, category: list[str], attributes: dict) -> bool:
+        """Whether a hit carries every filter value (``matches(...)[0] == len(filters)``, stopping at the
+        first value it lacks: the filtered rankings ask this of every candidate they widen over)."""
+        if self._want is None:
+            self.matches(category, attributes)
+        for key, want in self._want[0]:
+            if key == "category":
+                if [fold(c) for c in category[:len(want)]] != want:
+                    return False
+            elif fold(str(attributes.get(key, ""))) != want:
+                return False
+        return True
+
 
 def _stem_words(ws) -> tuple[str, ...]:
     return tuple(stem(ws))

@@ -220,6 +220,7 @@ class ShardedService(SearchService):
         from moonsearch.search.understand import Gazetteer
 
         self._gazetteer = Gazetteer.from_parts(cats[s]["readings"] for s in manifest_order)
+        self._readings = {s: cats[s]["readings"] for s in cats}
 
     # ---- fan-out ----------------------------------------------------------------------------------
     def _ask(self, shards: Sequence[int], method: str, *args) -> list:

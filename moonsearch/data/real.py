@@ -26,6 +26,7 @@ import tarfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -207,6 +208,30 @@ def words(c: str) -> str:
     return c.replace("-", " ")
 
 
+def _products(split: str, names: list[str], chosen: dict[str, tuple[str, str]], photos: Sequence[str],
+              rng: np.random.Generator, size: int) -> RealSet:
+    """A set holding one product per concept in ``names`` (``chosen``: concept -> (vendor, icon)): its
+    clean picture, and a listing photo with two drawings of the same vendor over one of ``photos``."""
+    out = RealSet(split)
+    for i, c in enumerate(names):
+        src, name = chosen[c]
+        out.item_ids.append(f"{split}-{i:04d}")
+        out.titles.append(words(c))
+        out.sources.append(src)
+        out.clean.append(draw(src, name, size))
+    by_source: dict[str, list[int]] = {}
+    for i, s in enumerate(out.sources):
+        by_source.setdefault(s, []).append(i)
+    for i, src in enumerate(out.sources):
+        others = [j for j in by_source[src] if j != i]
+        pick = rng.choice(others, size=min(2, len(others)), replace=False) if others else []
+        bg = photo(photos[int(rng.integers(len(photos)))])
+        image, box = listing_photo(out.clean[i], [out.clean[j] for j in pick], bg, rng)
+        out.listing.append(image)
+        out.listing_boxes.append(box)
+    return out
+
+
 def build(split: str = "eval", seed: int = 0, max_products: int | None = None, size: int = 224) -> RealSet:
     """The products of ``split``'s product vendors (one per concept) and, for each concept that a query
     vendor draws too, a text, an image and a text+image query. Seeded; same arguments, same set."""
@@ -229,23 +254,7 @@ def build(split: str = "eval", seed: int = 0, max_products: int | None = None, s
     if max_products is not None:  # keep every paired concept first, then distractor products
         keep = set(paired[:max_products]) | set([c for c in names if c not in paired][:max(0, max_products - len(paired))])
         names = [c for c in names if c in keep]
-    out = RealSet(split)
-    for i, c in enumerate(names):
-        src, name = chosen[c]
-        out.item_ids.append(f"{split}-{i:04d}")
-        out.titles.append(words(c))
-        out.sources.append(src)
-        out.clean.append(draw(src, name, size))
-    by_source: dict[str, list[int]] = {}
-    for i, s in enumerate(out.sources):
-        by_source.setdefault(s, []).append(i)
-    for i, src in enumerate(out.sources):
-        others = [j for j in by_source[src] if j != i]
-        pick = rng.choice(others, size=min(2, len(others)), replace=False) if others else []
-        bg = photo(sp.photos[int(rng.integers(len(sp.photos)))])
-        photo_, box = listing_photo(out.clean[i], [out.clean[j] for j in pick], bg, rng)
-        out.listing.append(photo_)
-        out.listing_boxes.append(box)
+    out = _products(split, names, chosen, sp.photos, rng, size)
     for i, c in enumerate(names):
         out.queries.append({"modality": "text", "text": words(c), "image": None, "item_id": out.item_ids[i],
                             "source": ""})
@@ -274,23 +283,8 @@ def build_wide(seed: int = 1, size: int = 224) -> RealSet:
     for c, name in concepts("icon-park").items():
         if len(set(re.findall(r"#[0-9a-fA-F]{3,6}", icons[name]["body"]))) >= 3:
             chosen.setdefault(c, ("icon-park", name))
+    out = _products("wide", sorted(chosen), chosen, splits()["fit"].photos, rng, size)
     names = sorted(chosen)
-    out = RealSet("wide")
-    for i, c in enumerate(names):
-        src, name = chosen[c]
-        out.item_ids.append(f"wide-{i:04d}")
-        out.titles.append(words(c))
-        out.sources.append(src)
-        out.clean.append(draw(src, name, size))
-    by_source: dict[str, list[int]] = {}
-    for i, s in enumerate(out.sources):
-        by_source.setdefault(s, []).append(i)
-    photos = splits()["fit"].photos
-    for i, src in enumerate(out.sources):
-        pick = rng.choice([j for j in by_source[src] if j != i], size=2, replace=False)
-        image, box = listing_photo(out.clean[i], [out.clean[j] for j in pick], photo(photos[int(rng.integers(len(photos)))]), rng)
-        out.listing.append(image)
-        out.listing_boxes.append(box)
     glyphs = {g: concepts(g) for g in WIDE_GLYPHS}
     for i, c in enumerate(names):
         for g, gc in glyphs.items():

@@ -17,6 +17,10 @@ photo against every clean picture. Image -> product R@10 of the visual block alo
 - **Crops**: the visual block's listing-only R@10 on the fit split (the block as served: each picture
   summed with its crop) with no crop, the detector's crop, and the box the product was pasted into
   (the best a cropper could do).
+- **Colour queries** (``--part colour``): the outside check's queries are colour drawings, ours are glyphs.
+  On the fit split, each streamline-ultimate-color product is also queried with streamline-freehand-color's
+  drawing of the same concept and vice versa (356 pairs): raw features against the block with and without
+  crops, for these and for the glyph queries.
 - **Hub correction** (CSLS, from cross-lingual retrieval): each product's score lowered by beta times
   its mean similarity to its k nearest wide-pool glyphs, so products near every drawing stop crowding the
   top ten. Packaged whitening, fit split.
@@ -127,12 +131,64 @@ def crops_on_fit(tower: ImageTower) -> dict:
     return out
 
 
+def colour_queries_on_fit(tower: ImageTower) -> dict:
+    """Image -> product R@10 on the fit split for colour-drawing queries (the other streamline colour vendor's
+    drawing of the product's concept) and for the split's glyph queries, by where the detector crops go."""
+    from moonsearch.models.cropping import crop, make_cropper
+    from moonsearch.models.visual import VisualBlock
+
+    d = real.build("fit")
+    other = {"streamline-ultimate-color": "streamline-freehand-color",
+             "streamline-freehand-color": "streamline-ultimate-color"}
+    drawn = {v: real.concepts(v) for v in other}
+    colour, colour_tgt = [], []
+    for i, (src, title) in enumerate(zip(d.sources, d.titles)):
+        c = title.replace(" ", "-")
+        name = next((n for k, n in drawn[other[src]].items() if k == c or k.split("-", 1)[-1] == c.split("-", 1)[-1]), None)
+        if name:
+            colour.append(real.draw(other[src], name, 224))
+            colour_tgt.append(i)
+    glyphs = [q for q in d.queries if q["modality"] == "image"]
+    sets = {"colour drawings": (colour, np.array(colour_tgt)),
+            "glyphs": ([q["image"] for q in glyphs], np.array([d.item_ids.index(q["item_id"]) for q in glyphs]))}
+    block, bare, detector = VisualBlock(), VisualBlock(crops=False), make_cropper("detector")
+
+    def vectors(images):  # (without crops, with crops)
+        return bare.pictures(tower, images), block.pictures(tower, images, [crop(im, b) for im, b in
+                                                                            zip(images, detector.boxes(images))])
+    c0, c1 = vectors(d.clean)
+    l0, l1 = vectors(d.listing)
+    raw_c, raw_l = (l2_normalize(tower.pooled(x)[0].numpy()) for x in (d.clean, d.listing))
+    out = {}
+    for kind, (images, tgt) in sets.items():
+        q0, q1 = vectors(images)
+        raw_q = l2_normalize(tower.pooled(images)[0].numpy())
+        rows = {"raw average-pooled features": (raw_q, raw_c, raw_l), "block, no crops": (q0, c0, l0),
+                "block, crops on products only": (q0, c1, l1), "block, crops on queries only": (q1, c0, l0),
+                "block, crops everywhere (served)": (q1, c1, l1)}
+        out[kind] = {"queries": int(len(tgt)), **{name: {"R@10": r10(q, l2_normalize(c + l), tgt),
+                                                          "listing-only R@10": r10(q, l, tgt)}
+                                                   for name, (q, c, l) in rows.items()}}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--part", choices=["all", "colour"], default="all",
+                    help="colour: only the colour-query rows, added to an existing visual-wide.json in --out")
     a = ap.parse_args()
     torch.set_num_threads(2)
+    if a.part == "colour":
+        import json
+
+        res = json.loads((a.out / "visual-wide.json").read_text())
+        res["colour_queries_on_fit"] = colour_queries_on_fit(ImageTower(160))
+        atomic_write_json(res, a.out / "visual-wide.json")
+        atomic_write_text(markdown(res), a.out / "visual-wide.md")
+        print(markdown(res))
+        return
     t0 = time.time()
     tower = ImageTower(160)
     wide = gem_features(real.build_wide(), tower)
@@ -168,6 +224,7 @@ def main() -> None:
     print(res["whole_pool_on_fit"], flush=True)
     res["crops_on_fit"] = crops_on_fit(tower)
     print(res["crops_on_fit"], flush=True)
+    res["colour_queries_on_fit"] = colour_queries_on_fit(tower)
     res["hub_correction_on_fit"] = [{"k": k, "beta": b, **hub_corrected(fit, pm, pw, wide["q"], k, b)}
                                     for k in (10, 50) for b in (0.0, 0.5, 1.0)]
     res["seconds"] = round(time.time() - t0)
@@ -196,6 +253,15 @@ def markdown(res: dict) -> str:
     lines += ["", f"Listing-only R@10 of the served block on the fit split ({c['queries']} queries; detector mean IoU "
               f"{c['detector mean IoU']:.3f}): whole photo {c['whole photo']:.3f}, detector crop {c['detector crop']:.3f}, "
               f"ground-truth crop {c['ground-truth crop']:.3f}; the clean picture alone {c['clean picture alone']:.3f}"]
+    if "colour_queries_on_fit" in res:
+        lines += ["", "Fit split, colour-drawing queries vs glyph queries, by where the detector crops go:", "",
+                  "| visual vector | colour R@10 | colour listing-only | glyph R@10 | glyph listing-only |",
+                  "|---|---|---|---|---|"]
+        cq, gq = res["colour_queries_on_fit"]["colour drawings"], res["colour_queries_on_fit"]["glyphs"]
+        for name in (k for k in cq if k != "queries"):
+            lines.append(f"| {name} | {cq[name]['R@10']:.3f} | {cq[name]['listing-only R@10']:.3f} | "
+                         f"{gq[name]['R@10']:.3f} | {gq[name]['listing-only R@10']:.3f} |")
+        lines.append(f"\n({cq['queries']} colour queries, {gq['queries']} glyph queries.)")
     lines += ["", "Hub correction on the fit split (packaged whitening):", "",
               "| k | beta | R@10 | listing-only R@10 |", "|---|---|---|---|"]
     lines += [f"| {r['k']} | {r['beta']} | {r['R@10']:.3f} | {r['listing-only R@10']:.3f} |"

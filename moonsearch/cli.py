@@ -498,7 +498,9 @@ def demo(
     index(out / "catalog.parquet", out=idx, model=model, level=None, append=False, nprobe=None, rerank=None,
           bytes_per_vector=None, batch_size=32, device=None)
     svc = SearchService(idx)
-    print_hits(svc.search_text("red sneakers", k=5), "'red sneakers'")
+    res = svc.search("red sneakers", k=5)  # what `moonsearch query` does: hybrid + query understanding
+    understood = ", ".join(f"{k}={v}" for k, v in res.understood.items()) or "nothing"
+    print_hits(res.hits, f"'red sneakers' ({res.mode}; understood {understood})")
     beh = pq.read_table(out / "behavior.parquet").to_pylist()
     q = next(b for b in beh if b["split"] == "test" and b["query_image"])
     hits = svc.search_image(load_image(q["query_image"], out), k=5)

@@ -158,7 +158,7 @@ def test_a_bug_keeps_its_traceback():
 def test_demo_main_job_and_recall_bench(tmp_path):
     """The quick start's main command, on a small world and the tiny model, then the recall benchmark."""
     out = _ok(["demo", "--out", str(tmp_path / "d"), "--n", "60", "--model", "clip-tiny"])
-    assert "'red sneakers'" in out and "products like" in out and "photo" in out
+    assert "'red sneakers' (hybrid; understood" in out and "products like" in out and "photo" in out
     _ok(["bench", "recall", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "b"), "--route", "0",
          "--route", "2"])
     res = json.loads((tmp_path / "b" / "recall.json").read_text())

@@ -1,7 +1,7 @@
 """Query understanding from the catalog itself: a gazetteer of attribute values and category names.
 
-``Gazetteer.from_index(index_set)`` collects every attribute value (per key) and every category path
-segment of the indexed catalog. ``parse(query)`` finds them in the query (whole values, matched on folded
+``Gazetteer.from_parts(readings_of(c) for each category c)`` collects every attribute value (per key) and
+every category path segment of the indexed catalog. ``parse(query)`` finds them in the query (whole values, matched on folded
 and stemmed words, longest first), with a few spelling synonyms for values the catalog has ("gray" finds
 "grey"). A value that is found exactly and has one reading (one key, not also a category or a brand) is
 a FILTER: hits that carry it come first. A word with several readings (a colour that is also a brand)
@@ -59,9 +59,7 @@ class Understood:
     def matches(self, category: list[str], attributes: dict) -> tuple[int, int]:
         """(how many filter values it carries, how many boost values): hits with every filter value rank
         first, then those with most of them (a filter that nothing satisfies whole degrades gracefully)."""
-        if self._want is None:  # folded once per query, not once per candidate
-            self._want = [[(k, [fold(c) for c in v.split(" > ")] if k == "category" else fold(v)) for k, v in group]
-                          for group in (list(self.filters.items()), list(self.boosts))]
+        wanted = self._wanted()
         path = None
 
         def has(key, want):
@@ -72,14 +70,19 @@ class Understood:
                 return path[:len(want)] == want
             return fold(str(attributes.get(key, ""))) == want
 
-        return sum(has(k, w) for k, w in self._want[0]), sum(has(k, w) for k, w in self._want[1])
+        return sum(has(k, w) for k, w in wanted[0]), sum(has(k, w) for k, w in wanted[1])
+
+    def _wanted(self) -> list[list[tuple[str, object]]]:
+        """[filters, boosts] as (key, folded value; a category as its folded path), folded once per query."""
+        if self._want is None:
+            self._want = [[(k, [fold(c) for c in v.split(" > ")] if k == "category" else fold(v)) for k, v in group]
+                          for group in (list(self.filters.items()), list(self.boosts))]
+        return self._want
 
     def carries_filters(self, category: list[str], attributes: dict) -> bool:
         """Whether a hit carries every filter value (``matches(...)[0] == len(filters)``, stopping at the
         first value it lacks: the filtered rankings ask this of every candidate they widen over)."""
-        if self._want is None:
-            self.matches(category, attributes)
-        for key, want in self._want[0]:
+        for key, want in self._wanted()[0]:
             if key == "category":
                 if [fold(c) for c in category[:len(want)]] != want:
                     return False
@@ -99,10 +102,6 @@ class Gazetteer:
             key = _stem_words(r.words)
             if key and all(x.key != r.key or x.value != r.value for x in self.by_words.get(key, [])):
                 self.by_words.setdefault(key, []).append(r)
-
-    @classmethod
-    def from_index(cls, index_set) -> "Gazetteer":
-        return cls.from_parts(readings_of(c) for c in index_set.categories.values())
 
     @classmethod
     def from_parts(cls, parts: Iterable[list[Reading]]) -> "Gazetteer":

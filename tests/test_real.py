@@ -105,3 +105,16 @@ def test_the_check_catches_photos_that_drown_the_text(moon_mini, eval_set):
     finally:
         model.cfg = saved
     assert change["clean+listing"]["worse"] > 10, change
+
+
+def test_the_crop_bench_scores_croppers_on_real_listing_photos():
+    """benchmarks/crop.py's real-artwork rows: the trained detector finds the pasted product in real
+    listing photos better than the whole photo and than a centre crop."""
+    from moonsearch.eval.crop_bench import NoCrop, evaluate
+    from moonsearch.models.cropping import make_cropper
+
+    rows = evaluate(n=30, croppers=[NoCrop(), make_cropper("centre"), make_cropper("detector")], real_split="eval")
+    real_rows = {r["cropper"]: r for r in rows if r["set"] == "real artwork (eval split)"}
+    assert set(real_rows) == {"no crop", "centre", "detector"} and real_rows["detector"]["images"] == 30
+    assert real_rows["detector"]["mean_iou"] > real_rows["centre"]["mean_iou"] > real_rows["no crop"]["mean_iou"]
+    assert real_rows["detector"]["hit_rate@0.5"] > real_rows["centre"]["hit_rate@0.5"]

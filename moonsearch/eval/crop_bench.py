@@ -25,19 +25,23 @@ class NoCrop:
 
 def evaluate(n: int = 300, seed: int = 777, size: int = 160, croppers=None, real_split: str | None = "fit") -> list[dict]:
     croppers = croppers or [NoCrop(), *(make_cropper(name) for name in cropper_names(offline=True))]
-    rows = []
-    sets = [("photographic backgrounds", [0, 0, 0, 1.0]), ("listing mix", None)]
-    if real_split:
-        sets.append((f"real artwork ({real_split} split)", real_split))
-    for label, bg in sets:
-        rng = np.random.default_rng(seed)
-        if isinstance(bg, str):
-            from moonsearch.data import real
 
-            data = real.build(bg, max_products=n)
-            samples = list(zip(data.listing, data.listing_boxes))[:n]
-        else:
-            samples = [render(s, rng, size, "listing", bg) for s in sample_specs(n, seed)]
+    def synthetic(bg):
+        rng = np.random.default_rng(seed)
+        return lambda: [render(s, rng, size, "listing", bg) for s in sample_specs(n, seed)]
+
+    def artwork():
+        from moonsearch.data import real
+
+        data = real.build(real_split, max_products=n)
+        return list(zip(data.listing, data.listing_boxes))[:n]
+
+    sets = [("photographic backgrounds", synthetic([0, 0, 0, 1.0])), ("listing mix", synthetic(None))]
+    if real_split:
+        sets.append((f"real artwork ({real_split} split)", artwork))
+    rows = []
+    for label, make in sets:
+        samples = make()
         for c in croppers:
             scores = np.array([iou(c.box(img), box) for img, box in samples])
             rows.append({"set": label, "cropper": c.name, "images": len(samples), "mean_iou": float(scores.mean()),

@@ -38,6 +38,22 @@ def test_bm25_with_shared_statistics_equals_bm25s_on_the_union():
     assert [(s, r) for _, s, r in top][:2] == [("bags", 0), ("shoes", 1)]  # the two with both words first
 
 
+def test_bm25_keeps_its_weighed_postings_within_a_byte_bound(monkeypatch):
+    """A server reuses each (category, term)'s BM25 weights; the cache never outgrows its byte bound, and
+    answers stay those of a fresh set."""
+    import moonsearch.index.lexical as lexical
+
+    monkeypatch.setattr(lexical, "POSTINGS_CACHE_BYTES", 1200)
+    parts = {k: CategoryTerms.build(v) for k, v in SHOP.items()}
+    lex = LexicalSet(parts)
+    queries = ["red sneakers", "leather", "orange bag", "size 42 shoes", "teapot teapot", "creme brulee",
+               "red red leather", "black backpack laptop", "espresso cups", "kettle"] * 3
+    for q in queries:
+        assert lex.search(q, 5) == LexicalSet(parts).search(q, 5), q
+        assert lex._cache_bytes <= 1200 and len(lex._cache) <= 1200 // lexical._ENTRY_BYTES
+    assert lex._cache  # it does keep some
+
+
 def test_analysis_folds_accents_case_and_stems():
     assert fold("Crème BRÛLÉE") == "creme brulee"
     assert analyse("The RUNNING Shoes") == analyse("running shoe") == ["run", "shoe"]

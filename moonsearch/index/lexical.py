@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import unicodedata
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -26,6 +28,8 @@ import numpy as np
 import scipy.sparse as sp
 
 K1, B = 1.5, 0.75
+POSTINGS_CACHE_BYTES = 32 << 20  # weighed postings a LexicalSet keeps (see LexicalSet._postings)
+_ENTRY_BYTES = 128  # what one cached entry costs beyond its arrays (a term absent from a category too)
 FILE = "lexical.npz"
 STOP_WORDS = frozenset("""a an and are as at be but by for from has have in into is it its of on or over
 that the this to under was were with without""".split())
@@ -135,12 +139,33 @@ class LexicalSet:
         self.avgdl = total_len / max(1, self.n_docs)
         self.df = df
         # (slug, term) -> (rows, BM25 weights): a term's weights in a category never change, and a
-        # server scores the same few hundred query terms over and over (bounded: postings are copies)
-        self._postings = lru_cache(maxsize=1 << 13)(self._weights)
+        # server scores the same few hundred query terms over and over. Least recently used first out,
+        # bounded in bytes (a common term of a big category has hundreds of thousands of rows)
+        self._cache: OrderedDict[tuple[str, str], tuple | None] = OrderedDict()
+        self._cache_bytes = 0
+        self._lock = threading.Lock()
 
     def idf(self, term: str) -> float:
         d = self.df.get(term, 0)
         return float(np.log(1.0 + (self.n_docs - d + 0.5) / (d + 0.5)))
+
+    def _postings(self, slug: str, term: str) -> tuple[np.ndarray, np.ndarray] | None:
+        key = (slug, term)
+        with self._lock:  # a server's search threads share the set
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        got = self._weights(slug, term)
+        size = _ENTRY_BYTES + (0 if got is None else got[0].nbytes + got[1].nbytes)
+        if size <= POSTINGS_CACHE_BYTES // 8:  # one posting list never takes more than an eighth
+            with self._lock:
+                if key not in self._cache:
+                    self._cache[key] = got
+                    self._cache_bytes += size
+                while self._cache_bytes > POSTINGS_CACHE_BYTES:
+                    _, old = self._cache.popitem(last=False)
+                    self._cache_bytes -= _ENTRY_BYTES + (0 if old is None else old[0].nbytes + old[1].nbytes)
+        return got
 
     def _weights(self, slug: str, term: str) -> tuple[np.ndarray, np.ndarray] | None:
         p = self.parts[slug]
@@ -150,7 +175,10 @@ class LexicalSet:
         lo, hi = p.csc.indptr[j], p.csc.indptr[j + 1]
         rows, tf = p.csc.indices[lo:hi], p.csc.data[lo:hi]
         norm = K1 * (1 - B + B * p.doc_len[rows] / max(self.avgdl, 1e-9))
-        return rows.copy(), (self.idf(term) * tf / (tf + norm)).astype(np.float32)
+        out = rows.copy(), (self.idf(term) * tf / (tf + norm)).astype(np.float32)
+        for a in out:
+            a.flags.writeable = False  # shared through the cache
+        return out
 
     def scores(self, slug: str, terms: Sequence[str]) -> np.ndarray:
         """BM25 of every item of category ``slug`` for the analysed query ``terms`` (a term repeated in

@@ -92,6 +92,23 @@ def test_unrouted_routed_and_filtered_search_match_exact(world, built):
     assert ann_recall(got, _exact(xb, xq, 10, one)) >= 0.9
 
 
+def test_the_rerank_reads_rows_through_the_map_for_small_sets_and_with_pread_for_large(world, built, monkeypatch):
+    """Below MAP_RERANK_BELOW bytes of stored vectors a process re-ranks through the memory maps (faster:
+    no system call per row); above, with pread (10M vectors never become its memory). Same answers."""
+    import moonsearch.index.index_set as index_set
+
+    out, _ = built
+    xq = np.load(world / "queries.npy")
+    small = IndexSet.load(out)
+    monkeypatch.setattr(index_set, "MAP_RERANK_BELOW", 0)
+    large = IndexSet.load(out)
+    mapped = [small.categories[s] for s in sorted(small.categories)]
+    preads = [large.categories[s] for s in sorted(large.categories)]
+    assert all(c.rows_reader._fd is None for c in mapped) and all(c.rows_reader._fd is not None for c in preads)
+    assert any(c.is_pq for c in preads)  # the re-rank runs
+    assert multi_search(mapped, xq, 10) == multi_search(preads, xq, 10)
+
+
 def test_search_shards_return_what_one_process_returns(world, built):
     """moonsearch serve --ray: the categories dealt to 2 and 3 shards, each shard's shortlist merged by the
     router, give the single process's top-10, unrouted and routed, with the stacked lists forced on

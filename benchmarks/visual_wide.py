@@ -42,7 +42,7 @@ from moonsearch.models.base import l2_normalize
 from moonsearch.models.towers import ImageTower
 from moonsearch.models.visual import WHITENING, fit_whitening, load_whitening
 from moonsearch.utils.io import atomic_write_json, atomic_write_text
-from visual_levers import r10  # R@10 of (q, products, target rows) (this folder)
+from visual_levers import r10, score  # R@10 of (q, products, targets); R@10 over n(clean + listing) and listing alone
 
 HELD_OUT_GLYPHS = ("carbon", "bi", "hugeicons", "game-icons", "solar")
 
@@ -76,7 +76,7 @@ def measure(f: dict, mean: np.ndarray, w: np.ndarray, rows: np.ndarray | None = 
     t = f["tgt"]
     if rows is not None:
         q, t = q[rows], t[rows]
-    return {"R@10": r10(q, l2_normalize(c + l), t), "listing-only R@10": r10(q, l, t), "queries": int(len(t))}
+    return {**score(c, l, q, t), "queries": int(len(t))}
 
 
 def learn_map(f: dict, steps: int = 600, lam: float = 0.1, tau: float = 0.05, seed: int = 0):
@@ -111,13 +111,12 @@ def hub_corrected(f: dict, mean, w, ref: np.ndarray, k: int, beta: float) -> dic
     return out
 
 
-def crops_on_fit(tower: ImageTower) -> dict:
+def crops_on_fit(tower: ImageTower, d: real.RealSet) -> dict:
     """Listing-only R@10 of the served visual block on the fit split by crop, and the clean picture alone."""
     from moonsearch.models.cropping import crop, make_cropper
     from moonsearch.models.visual import VisualBlock
     from moonsearch.vision.croppers import iou
 
-    d = real.build("fit")
     qs = [q for q in d.queries if q["modality"] == "image"]
     tgt = np.array([d.item_ids.index(q["item_id"]) for q in qs])
     block, detector = VisualBlock(), make_cropper("detector")
@@ -131,13 +130,12 @@ def crops_on_fit(tower: ImageTower) -> dict:
     return out
 
 
-def colour_queries_on_fit(tower: ImageTower) -> dict:
+def colour_queries_on_fit(tower: ImageTower, d: real.RealSet) -> dict:
     """Image -> product R@10 on the fit split for colour-drawing queries (the other streamline colour vendor's
     drawing of the product's concept) and for the split's glyph queries, by where the detector crops go."""
     from moonsearch.models.cropping import crop, make_cropper
     from moonsearch.models.visual import VisualBlock
 
-    d = real.build("fit")
     other = {"streamline-ultimate-color": "streamline-freehand-color",
              "streamline-freehand-color": "streamline-ultimate-color"}
     drawn = {v: real.concepts(v) for v in other}
@@ -166,9 +164,7 @@ def colour_queries_on_fit(tower: ImageTower) -> dict:
         rows = {"raw average-pooled features": (raw_q, raw_c, raw_l), "block, no crops": (q0, c0, l0),
                 "block, crops on products only": (q0, c1, l1), "block, crops on queries only": (q1, c0, l0),
                 "block, crops everywhere (served)": (q1, c1, l1)}
-        out[kind] = {"queries": int(len(tgt)), **{name: {"R@10": r10(q, l2_normalize(c + l), tgt),
-                                                          "listing-only R@10": r10(q, l, tgt)}
-                                                   for name, (q, c, l) in rows.items()}}
+        out[kind] = {"queries": int(len(tgt)), **{name: score(c, l, q, tgt) for name, (q, c, l) in rows.items()}}
     return out
 
 
@@ -184,7 +180,7 @@ def main() -> None:
         import json
 
         res = json.loads((a.out / "visual-wide.json").read_text())
-        res["colour_queries_on_fit"] = colour_queries_on_fit(ImageTower(160))
+        res["colour_queries_on_fit"] = colour_queries_on_fit(ImageTower(160), real.build("fit"))
         atomic_write_json(res, a.out / "visual-wide.json")
         atomic_write_text(markdown(res), a.out / "visual-wide.md")
         print(markdown(res))
@@ -192,7 +188,8 @@ def main() -> None:
     t0 = time.time()
     tower = ImageTower(160)
     wide = gem_features(real.build_wide(), tower)
-    fit = gem_features(real.build("fit"), tower)
+    fit_set = real.build("fit")
+    fit = gem_features(fit_set, tower)
     print(f"features in {time.time() - t0:.0f}s: wide {len(wide['clean'])} products / {len(wide['q'])} glyphs, "
           f"fit {len(fit['clean'])} / {len(fit['q'])}", flush=True)
     pm, pw, _ = load_whitening(WHITENING)
@@ -222,9 +219,9 @@ def main() -> None:
         for name, (m, x) in (("packaged whitening", (pm, pw)), ("pool whitening", (mean, w0)),
                              ("learned on the pool", (mean, w)))}
     print(res["whole_pool_on_fit"], flush=True)
-    res["crops_on_fit"] = crops_on_fit(tower)
+    res["crops_on_fit"] = crops_on_fit(tower, fit_set)
     print(res["crops_on_fit"], flush=True)
-    res["colour_queries_on_fit"] = colour_queries_on_fit(tower)
+    res["colour_queries_on_fit"] = colour_queries_on_fit(tower, fit_set)
     res["hub_correction_on_fit"] = [{"k": k, "beta": b, **hub_corrected(fit, pm, pw, wide["q"], k, b)}
                                     for k in (10, 50) for b in (0.0, 0.5, 1.0)]
     res["seconds"] = round(time.time() - t0)

@@ -91,11 +91,16 @@ def check_disjoint(a: Split, b: Split) -> None:
         raise ValueError(f"splits {a.name} and {b.name} share sources: {sorted(shared)}")
 
 
+def is_emoji(source: str) -> bool:
+    """Whether an artwork set is (or bundles) emoji: reserved for outside evaluation, never used here."""
+    return any(w in source for w in ("emoji", "noto", "twemoji", "openmoji"))
+
+
 def check_wide_pool() -> None:
     """Raise if the wide pool holds an eval vendor or one of its relatives, or emoji artwork."""
     ev = splits()["eval"]
     bad = set(WIDE_GLYPHS | WIDE_COLOUR) & (set(ev.products + ev.queries) | set(EVAL_RELATIVES))
-    bad |= {s for s in WIDE_GLYPHS | WIDE_COLOUR if any(w in s for w in ("emoji", "noto", "twemoji", "openmoji"))}
+    bad |= {s for s in WIDE_GLYPHS | WIDE_COLOUR if is_emoji(s)}
     if bad:
         raise ValueError(f"the wide pool holds held-out or related sources: {sorted(bad)}")
 
@@ -105,7 +110,7 @@ def fetch(source: str, cache: Path | None = None) -> dict:
     """The iconify JSON of ``source`` (``{"icons": {name: {"body": svg}}, "width": .., ...}``)."""
     if source not in SOURCES:
         raise UnknownItem(f"unknown artwork source {source!r}; known: {', '.join(SOURCES)}")
-    if any(w in source for w in ("emoji", "noto", "twemoji", "openmoji")):
+    if is_emoji(source):
         raise UserError(f"{source}: emoji artwork is reserved for outside evaluation")
     return _load(source, str(cache or _cache()))
 

@@ -89,6 +89,26 @@ def test_rerank_reads_stored_rows_without_growing_the_mapped_memory(tmp_path):
     assert _mapped_rss_kb(vec_file) > 0
 
 
+def test_rows_widen_from_float16_exactly_in_either_reading_mode(tmp_path):
+    """The re-rank widens float16 rows through torch (15x numpy's cast): every float16 value, infinities,
+    NaN and subnormals included, must come out as numpy's exact widening gives it, read with pread or
+    through the map."""
+    from moonsearch.utils.io import RowReader, as_float32
+
+    every = np.arange(2 ** 16, dtype=np.uint32).astype(np.uint16).view(np.float16).reshape(-1, 64)
+    np.testing.assert_array_equal(as_float32(every), every.astype(np.float32))  # NaNs compare equal here
+    np.save(tmp_path / "v.npy", every)
+    mapped = np.load(tmp_path / "v.npy", mmap_mode="r")
+    pick = np.random.default_rng(1).integers(0, len(every), (9, 4))
+    by_pread = RowReader(mapped)
+    by_map = RowReader(mapped)
+    by_map.close()  # without its file descriptor it indexes the map
+    for reader in (by_pread, by_map):
+        got = reader.take(pick)
+        assert got.dtype == np.float32 and got.shape == (9, 4, 64)
+        np.testing.assert_array_equal(got, every[pick].astype(np.float32))
+
+
 @pytest.mark.parametrize("n,factory", [(300, "IDMap2,Flat"), (2500, "IDMap2,HNSW32")])
 def test_small_category_fallbacks_are_near_exact(tmp_path, n, factory):
     xb = structured_vectors(n, 24, seed=n)

@@ -179,11 +179,13 @@ def bench_shared(n: int, folder: Path, xq: np.ndarray, exact: np.ndarray, work: 
                              recall10=ann_recall(ids, exact), p50_ms=p50, p99_ms=p99))
         log(f"shared nprobe {nprobe}: " + ", ".join(f"rr{r['rerank']} {r['recall10']:.3f}/{r['p50_ms']:.2f}ms"
                                                    for r in rows[-4:]))
+    for route in (1, 3):  # the set's own re-rank depth, and the per-category layout's (8) for equal footing
+        for rerank in sorted({base.rerank, 8}):
+            p = replace(base, rerank=rerank)
+            ids, p50, p99 = _timed_search(search(p, route), xq)
+            rows.append(dict(common, layout=f"shared quantizer, routed to {route}", nprobe=p.nprobe, rerank=p.rerank,
+                             recall10=ann_recall(ids, exact), p50_ms=p50, p99_ms=p99))
     p = base
-    for route in (1, 3):
-        ids, p50, p99 = _timed_search(search(p, route), xq)
-        rows.append(dict(common, layout=f"shared quantizer, routed to {route}", nprobe=p.nprobe, rerank=p.rerank,
-                         recall10=ann_recall(ids, exact), p50_ms=p50, p99_ms=p99))
     # filtered to the first query's nearest category: recall against exact within that category
     c0 = int(np.argmax(xq[:1] @ centroids.T))
     inside = ids_of[c0]
@@ -271,12 +273,14 @@ def bench_size(n: int, dim: int, work: Path, log=print, only_shared: bool = Fals
                              bytes_per_vector=mem))
         log(f"per-category nprobe {nprobe}: " + ", ".join(f"rr{r['rerank']} {r['recall10']:.3f}/{r['p50_ms']:.2f}ms"
                                                         for r in rows[-len(RERANKS):]))
-    for route in (1, 3):
-        p = fb.IndexParams()
-        ids, p50, p99 = _timed_search(per_category(p, route), xq)
-        rows.append(dict(n=n, layout=f"per-category own quantizers, routed to {route}", factory="/".join(factories),
-                         nprobe=p.nprobe, rerank=p.rerank, recall10=ann_recall(ids, exact), p50_ms=p50,
-                         p99_ms=p99, build_s=build, bytes_per_vector=mem))
+    for route in (1, 3):  # its default re-rank depth (8), and 16 (the 1M shared set's) for equal recall
+        for rerank in (8, 16):
+            p = replace(fb.IndexParams(), rerank=rerank)
+            ids, p50, p99 = _timed_search(per_category(p, route), xq)
+            rows.append(dict(n=n, layout=f"per-category own quantizers, routed to {route}",
+                             factory="/".join(factories), nprobe=p.nprobe, rerank=p.rerank,
+                             recall10=ann_recall(ids, exact), p50_ms=p50, p99_ms=p99, build_s=build,
+                             bytes_per_vector=mem))
 
     # one global IVF-PQ index
     params = replace(fb.IndexParams(), flat_below=0, ivfpq_from=0)

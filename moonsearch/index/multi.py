@@ -127,7 +127,7 @@ def _search_shared(cats, shared: list[int], xq: np.ndarray, k: int, params, chos
     of probed lists are then those of one process searching everything."""
     groups: dict[tuple, list[int]] = {}
     for q in range(len(xq)):
-        want = chosen[q]
+        want = set(chosen[q].tolist() if isinstance(chosen[q], np.ndarray) else chosen[q])
         key = tuple(c for c in shared if c in want)
         if key:
             groups.setdefault((key, None if totals is None else totals[q]), []).append(q)
@@ -152,15 +152,18 @@ def _search_shared(cats, shared: list[int], xq: np.ndarray, k: int, params, chos
         rerank = max(rerank, p.rerank)
         share = total / max(1, everything)
         D, I = members[0].shared.search([m.index for m in members], xq[qs], n, p.nprobe, share)
-        by_code = {m.code: (c, m) for c, m in zip(key, members)}
-        codes = np.where(I >= 0, I >> fb.ID_BITS, -1)
-        rows = np.full(I.shape, -1, np.int64)
-        cpos = np.full(I.shape, -1, np.int64)
-        for code in np.unique(codes[codes >= 0]):
-            c, m = by_code[int(code)]
-            hit = codes == code
-            rows[hit] = m.rows_of(I[hit])
-            cpos[hit] = c
+        if len(members) == 1:  # a route or filter to one category: every id is its own
+            rows, cpos = members[0].rows_of(I), np.full(I.shape, key[0], np.int64)
+        else:
+            by_code = {m.code: (c, m) for c, m in zip(key, members)}
+            codes = np.where(I >= 0, I >> fb.ID_BITS, -1)
+            rows = np.full(I.shape, -1, np.int64)
+            cpos = np.full(I.shape, -1, np.int64)
+            for code in np.unique(codes[codes >= 0]):
+                c, m = by_code[int(code)]
+                hit = codes == code
+                rows[hit] = m.rows_of(I[hit])
+                cpos[hit] = c
         for j, q in enumerate(qs):
             ok = rows[j] >= 0
             per_q[q].append((D[j][ok], rows[j][ok], cpos[j][ok]))

@@ -112,23 +112,29 @@ def test_the_rerank_reads_rows_through_the_map_for_small_sets_and_with_pread_for
 def test_search_shards_return_what_one_process_returns(world, built):
     """moonsearch serve --ray: the categories dealt to 2 and 3 shards, each shard's shortlist merged by the
     router, give the single process's top-10, unrouted and routed, with the stacked lists forced on
-    (no exact scan of small groups: the probe choice is what a shard could get wrong)."""
-    from moonsearch.index.multi import finish, merge
+    (no exact scan of small groups: the probe choice is what a shard could get wrong) and few lists
+    probed (nprobe 8), where a shard probing its own categories' nearest lists would differ."""
+    from moonsearch.index.multi import finish, merge, shortlists
     from moonsearch.search.service import SearchService
     from moonsearch.serve.ray_app import ShardCore
 
     out, _ = built
     xq = np.load(world / "queries.npy")
     svc = SearchService(out)
-    stacked = replace(next(iter(svc.index.categories.values())).params, exact_scan_below=0)
+    cats = [svc.index.categories[s] for s in svc.slugs]
+    stacked = replace(next(iter(svc.index.categories.values())).params, exact_scan_below=0, nprobe=8)
     for n in (2, 3):
         shards = [ShardCore(out, i, n) for i in range(n)]
-        for route in (None, 2):
+        for route in (None, 2, 4):
             want = svc.search_vectors(xq, 10, route=route, params=stacked)
             chosen = svc.route(xq, svc.slugs, route) if route else None
+            one, _ = shortlists(cats, xq, 10, stacked, chosen)
             parts = [sh.shortlist(xq, 10, svc.slugs, chosen, stacked, stacked.rerank) for sh in shards]
             for q, row in enumerate(want):
                 merged, top = merge([p[q][0] for p in parts], 10, stacked.rerank)
+                # the whole shortlist, not only its top 10: every shard probed the lists one process probes
+                assert set(zip(merged.cat.tolist(), merged.row.tolist())) == \
+                    set(zip(one[q].cat.tolist(), one[q].row.tolist())), (n, route, q)
                 pooled = [h for p in parts for h in p[q][1]]
                 by_pos = {(int(c), int(r)): pooled[i] for c, r, i in zip(merged.cat, merged.row, top)}
                 assert [by_pos[(c, r)].item_id for _, c, r in finish(merged, 10)] == [h.item_id for h in row]

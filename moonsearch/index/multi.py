@@ -35,13 +35,16 @@ def multi_search(cats: Sequence[CategoryIndex], xq: np.ndarray, k: int, params: 
 
 def shortlists(cats: Sequence[CategoryIndex], xq: np.ndarray, k: int, params: fb.IndexParams | None = None,
                chosen: Sequence[Sequence[int]] | None = None, rerank: int = 0, everything: int | None = None,
-               totals: Sequence[int] | None = None) -> tuple[list[Candidates], int]:
+               totals: Sequence[int] | None = None,
+               group_lists: Sequence[np.ndarray] | None = None) -> tuple[list[Candidates], int]:
     """Per query the global shortlist: the best ``k * max(1, rerank)`` candidates by index score, each
     with its final score (exact for PQ candidates that are re-ranked), and the re-rank factor used.
 
     A search shard holding some of the categories runs this over its own and passes ``rerank`` (the
-    whole set's factor), ``everything`` (the item count of all searched categories) and ``totals`` (per
-    query, the item count of the categories it searches on all shards), so its shortlist holds every
+    whole set's factor), ``everything`` (the item count of all searched categories), ``totals`` (per
+    query, the item count of the categories it searches on all shards) and, for shared-quantizer sets,
+    ``group_lists`` (per query, those categories' items per inverted list; queries searching the same
+    categories share one array), so its shortlist holds every
     candidate of its categories that the whole set's shortlist would hold; the router then ``merge``s
     the shards' shortlists and ``finish``es exactly as one process would."""
     nq = len(xq)
@@ -49,7 +52,8 @@ def shortlists(cats: Sequence[CategoryIndex], xq: np.ndarray, k: int, params: fb
     per_q: list[list[tuple[np.ndarray, np.ndarray, int]]] = [[] for _ in range(nq)]
     shared = [c for c, ci in enumerate(cats) if ci.shared is not None]
     if shared:
-        rerank = max(rerank, _search_shared(cats, shared, xq, k, params, chosen, per_q, everything, totals))
+        rerank = max(rerank, _search_shared(cats, shared, xq, k, params, chosen, per_q, everything, totals,
+                                            group_lists))
     for c, ci in enumerate(cats):
         if ci.shared is not None:
             continue
@@ -119,22 +123,25 @@ def finish(c: Candidates, k: int) -> list[tuple[float, int, int]]:
 
 
 def _search_shared(cats, shared: list[int], xq: np.ndarray, k: int, params, chosen, per_q,
-                   everything: int | None = None, totals: Sequence[int] | None = None) -> int:
+                   everything: int | None = None, totals: Sequence[int] | None = None,
+                   group_lists: Sequence[np.ndarray] | None = None) -> int:
     """The shared-quantizer categories: one stacked IVF search per group of categories that queries want
     (or an exact scan of a small group); appends (scores, rows, category position) to ``per_q``; returns
     the re-rank factor used. A shard passes the whole set's ``everything`` and, per query, the item count
-    of every category the query searches on all shards (``totals``): the exact-scan choice and the number
-    of probed lists are then those of one process searching everything."""
-    groups: dict[tuple, list[int]] = {}
+    of every category the query searches on all shards (``totals``) and their items per list
+    (``group_lists``): the exact-scan choice and the lists probed are then those of one process searching
+    everything."""
+    groups: dict[tuple, tuple[list[int], np.ndarray | None]] = {}
     for q in range(len(xq)):
         want = set(chosen[q].tolist() if isinstance(chosen[q], np.ndarray) else chosen[q])
         key = tuple(c for c in shared if c in want)
         if key:
-            groups.setdefault((key, None if totals is None else totals[q]), []).append(q)
+            lists = None if group_lists is None else group_lists[q]
+            groups.setdefault((key, None if totals is None else totals[q], id(lists)), ([], lists))[0].append(q)
     rerank = 0
     if everything is None:
         everything = sum(cats[c].infos["count"] for c in shared)
-    for (key, group_total), qs in groups.items():
+    for (key, group_total, _), (qs, lists) in groups.items():
         members = [cats[c] for c in key]
         p = params or members[0].params
         n = k * p.rerank if p.rerank > 0 else k
@@ -151,7 +158,7 @@ def _search_shared(cats, shared: list[int], xq: np.ndarray, k: int, params, chos
             continue
         rerank = max(rerank, p.rerank)
         share = total / max(1, everything)
-        D, I = members[0].shared.search([m.index for m in members], xq[qs], n, p.nprobe, share)
+        D, I = members[0].shared.search([m.index for m in members], xq[qs], n, p.nprobe, share, lists)
         if len(members) == 1:  # a route or filter to one category: every id is its own
             rows, cpos = members[0].rows_of(I), np.full(I.shape, key[0], np.int64)
         else:

@@ -40,6 +40,7 @@ class SharedQuantizer:
         self.ivf = faiss.extract_index_ivf(template)
         self._views: OrderedDict[tuple, tuple] = OrderedDict()
         self._sizes: OrderedDict[int, tuple] = OrderedDict()
+        self._selectors: OrderedDict[int, tuple] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -114,8 +115,8 @@ class SharedQuantizer:
 
     # ---- searching several categories as one index --------------------------------------------------
     def view(self, indices: Sequence[faiss.Index]):
-        """(IVF-PQ index over the concatenated inverted lists of ``indices``, ids of the lists that hold
-        any of their items or None when all do), cached per group."""
+        """(IVF-PQ index over the concatenated inverted lists of ``indices``, their items per list summed),
+        cached per group."""
         key = tuple(id(ix) for ix in indices)
         with self._lock:
             hit = self._views.get(key)
@@ -134,43 +135,70 @@ class SharedQuantizer:
         stacked = faiss.HStackInvertedLists(lists.size(), lists.data())
         view.replace_invlists(stacked, False)
         view.ntotal = sum(ix.ntotal for ix in indices)
-        sizes = sum(self._list_sizes(ix, ivf) for ix, ivf in zip(indices, ivfs))
-        nonempty = None if (sizes > 0).all() else np.flatnonzero(sizes > 0).astype(np.int64)
-        sel = faiss.IDSelectorBatch(nonempty) if nonempty is not None else None
+        sizes = sum(self.list_sizes(ix) for ix in indices)
         with self._lock:  # the entry keeps the category indices (and so their lists) alive with the view
-            self._views[key] = (view, (nonempty, sel), stacked, lists, list(indices), ivfs)
+            self._views[key] = (view, sizes, stacked, lists, list(indices), ivfs)
             while len(self._views) > 256:
                 self._views.popitem(last=False)
-        return view, (nonempty, sel)
+        return view, sizes
 
-    def _list_sizes(self, index: faiss.Index, ivf) -> np.ndarray:
+    def list_sizes(self, index: faiss.Index) -> np.ndarray:
         """Items per inverted list of one category index (cached per index object)."""
         key = id(index)
         with self._lock:
             hit = self._sizes.get(key)
         if hit is not None and hit[0] is index:
             return hit[1]
+        ivf = faiss.extract_index_ivf(index)
         sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], np.int64)
+        sizes.flags.writeable = False
         with self._lock:
             self._sizes[key] = (index, sizes)
             while len(self._sizes) > 4096:
                 self._sizes.popitem(last=False)
         return sizes
 
-    def search(self, indices: Sequence[faiss.Index], xq: np.ndarray, n: int, nprobe: int, share: float = 1.0):
+    def _selector(self, sizes: np.ndarray):
+        """(ids of the lists holding items, a faiss selector of them) for a group's items per list, or None
+        when every list holds some; cached per array (the views' and the shards' arrays live long)."""
+        key = id(sizes)
+        with self._lock:
+            hit = self._selectors.get(key)
+            if hit is not None and hit[0] is sizes:
+                return hit[1]
+        held = sizes > 0
+        found = None
+        if not held.all():
+            nonempty = np.flatnonzero(held).astype(np.int64)
+            found = (nonempty, faiss.IDSelectorBatch(nonempty))
+        with self._lock:  # the entry holds the array, so its id is not reused while cached
+            self._selectors[key] = (sizes, found)
+            while len(self._selectors) > 4096:
+                self._selectors.popitem(last=False)
+        return found
+
+    def search(self, indices: Sequence[faiss.Index], xq: np.ndarray, n: int, nprobe: int, share: float = 1.0,
+               sizes: np.ndarray | None = None):
         """-> (scores (nq, n) approximate, faiss ids (nq, n), -1 = none).
 
         ``share`` is the group's fraction of the set's items. A group probes ``nprobe * sqrt(share)`` lists
         (at least 2): a category's own IVF of ~4 sqrt(n_c) lists probed ``nprobe`` times scans that fraction
         of it, so a routed search costs what the per-category layout's did. And a group probes only lists
         that hold its items: a filter to a category far from the query still finds that category's
-        nearest items."""
-        view, (nonempty, sel) = self.view(indices)
+        nearest items.
+
+        ``sizes``: the group's items per list on ALL search shards (a shard holds only some of the group's
+        categories, ``indices``). The lists probed are then the ones a single process would probe, and each
+        shard scans its part of them: the merged shortlist is the single process's."""
+        view, local = self.view(indices)
+        sizes = local if sizes is None else sizes
         n = min(n, max(1, view.ntotal))
         probes = min(view.nlist, max(2, int(np.ceil(nprobe * np.sqrt(min(1.0, share))))))
         xq = np.ascontiguousarray(xq, np.float32)
-        if nonempty is None:
+        held = self._selector(sizes)
+        if held is None:
             return view.search(xq, n, params=faiss.SearchParametersIVF(nprobe=probes))
+        nonempty, sel = held
         probes = min(probes, len(nonempty))
         Dq, Iq = self.ivf.quantizer.search(xq, probes, params=faiss.SearchParameters(sel=sel))
         D = np.empty((len(xq), n), np.float32)

@@ -114,7 +114,45 @@ class ShardCore:
         self.svc._lexical = lexmod.LexicalSet({s: c.lexical for s, c in self.svc.index.categories.items()},
                                               stats=(terms(s) for s in manifest["categories"]))
         self.counts = {slug: int(c.get("count", 0)) for slug, c in manifest["categories"].items()}
+        self.lists = self._list_sizes(manifest)
+        self._group_lists: dict[frozenset, np.ndarray] = {}
         self.version = manifest_version(self.root)
+
+    def _list_sizes(self, manifest: dict) -> dict[str, np.ndarray] | None:
+        """Items per inverted list of EVERY category of a shared-quantizer set (the other shards' categories
+        read from their index files, mapped, codes untouched), so that a shard probes the lists one
+        process would; None for sets without the shared layout."""
+        import faiss
+
+        from moonsearch.index import faiss_backend as fb
+
+        shared = self.svc.index.shared
+        if shared is None:
+            return None
+        out = {}
+        for slug in manifest["categories"]:
+            c = self.svc.index.categories.get(slug)
+            if c is not None:
+                out[slug] = shared.list_sizes(c.index)
+            else:
+                index = fb.read(self.root / "categories" / slug / "index.faiss")  # held: the ivf is its part
+                ivf = faiss.extract_index_ivf(index)
+                out[slug] = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], np.int64)
+                del ivf, index
+        return out
+
+    def _lists_of(self, slugs: Sequence[str]) -> np.ndarray | None:
+        """The summed items per list of ``slugs`` (one array per distinct group, cached)."""
+        if self.lists is None:
+            return None
+        key = frozenset(slugs)
+        got = self._group_lists.get(key)
+        if got is None:
+            got = np.asarray(sum((self.lists[s] for s in key if s in self.lists), 0), np.int64)
+            if len(self._group_lists) > 4096:
+                self._group_lists.clear()
+            self._group_lists[key] = got
+        return got
 
     def info(self) -> dict:
         """What the router needs to know of this shard's categories."""
@@ -142,8 +180,12 @@ class ShardCore:
         everything = sum(self.counts.get(s, 0) for s in slugs)
         totals = [everything] * len(xq) if chosen is None else \
             [sum(self.counts.get(slugs[i], 0) for i in want) for want in chosen]
+        lists = None
+        if self.lists is not None:
+            lists = [self._lists_of(slugs)] * len(xq) if chosen is None else \
+                [self._lists_of([slugs[i] for i in want]) for want in chosen]
         found, _ = shortlists(cats, np.ascontiguousarray(xq, np.float32), k, params, local, rerank, everything,
-                              totals)
+                              totals, lists)
         out = []
         pos = np.asarray(mine, np.int64)
         for c in found:

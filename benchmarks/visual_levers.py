@@ -15,7 +15,8 @@ Image -> product R@10 of the visual block alone (GeM, PCA-whitened 256-d, fitted
   to say whether a gain on fit carries over to vendors the map never saw. The variant best on fit is
   checked on eval the same way (once, after choosing; nothing is chosen on eval).
 
-Writes ``visual-levers.json`` / ``.md``. Products carry their clean picture and listing photo
+Writes ``visual-levers.json`` / ``.md``. ``--part scales``: the block as served (with its detector crops)
+at 160 px, 224 px and both sizes summed, on fit (``visual-scales.json`` / ``.md``). Products carry their clean picture and listing photo
 (``n(v(clean) + v(listing))``); no crops here, so the baseline row is the block without crops.
 """
 from __future__ import annotations
@@ -158,10 +159,54 @@ def learned_map(fit: dict, data_eval: dict, steps: int = 400, lam: float = 1.0, 
             "held-out fit queries": int(len(val)), "before": before, "after": after}
 
 
+def scales_as_served(split: str = "fit") -> dict:
+    """The block AS SERVED (each picture summed with its detector crop) at 160 px (the packaged
+    transform), at 224 px, and both scales summed (one whitening fitted on the split's pictures at both
+    sizes): does a second, larger pass of the tower pay once the crops are in? R@10 per variant."""
+    from moonsearch.models.cropping import crop, make_cropper
+    from moonsearch.models.visual import WHITENING, load_whitening
+
+    towers = {160: ImageTower(160), 224: ImageTower(224)}
+    detector = make_cropper("detector")
+    d = real.build(split)
+    qs = [q for q in d.queries if q["modality"] == "image"]
+    parts = {"clean": d.clean, "listing": d.listing, "q": [q["image"] for q in qs]}
+    f = {}
+    for part, ims in parts.items():
+        cuts = [crop(im, b) for im, b in zip(ims, detector.boxes(ims))]
+        for size, tower in towers.items():
+            f[(size, part, "picture")], f[(size, part, "crop")] = (tower.pooled(x)[1].numpy() for x in (ims, cuts))
+    whiten = {(160,): load_whitening(WHITENING)[:2]}
+    for sizes in ((224,), (160, 224)):
+        whiten[sizes] = fit_whitening(np.concatenate([f[(z, p, "picture")] for z in sizes for p in parts]), 256, 1.0)
+    tgt = np.array([d.item_ids.index(q["item_id"]) for q in qs])
+    rows = []
+    for sizes, (mean, proj) in whiten.items():
+        for views in (("picture", "crop"), ("picture",)):
+            c, l, q = (l2_normalize(sum(l2_normalize((l2_normalize(f[(z, p, v)]) - mean) @ proj)
+                                        for z in sizes for v in views)) for p in parts)
+            rows.append({"sizes": list(sizes), "crops": len(views) == 2, **score(c, l, q, tgt)})
+            print(rows[-1], flush=True)
+    return {"split": split, "queries": int(len(tgt)), "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
+    ap.add_argument("--part", choices=["all", "scales"], default="all",
+                    help="scales: only the served block at 160 / 224 / both px (visual-scales.json / .md, ~5 min)")
     a = ap.parse_args()
+    if a.part == "scales":
+        res = scales_as_served("fit")
+        lines = [f"The visual block as served (picture + detector crop) by tower input size, {res['split']} split, "
+                 f"{res['queries']} drawing queries:", "", "| sizes | crops | R@10 | listing-only R@10 |", "|---|---|---|---|"]
+        lines += [f"| {' + '.join(map(str, r['sizes']))} px | {'yes' if r['crops'] else 'no'} | {r['R@10']:.3f} | "
+                  f"{r['listing-only R@10']:.3f} |" for r in res["rows"]]
+        a.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(res, a.out / "visual-scales.json")
+        atomic_write_text("\n".join(lines) + "\n", a.out / "visual-scales.md")
+        print("\n".join(lines))
+        return
     tower = ImageTower(160)
     fit = split_features("fit", tower)
     rows = []

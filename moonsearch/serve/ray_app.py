@@ -132,10 +132,12 @@ class ShardCore:
         out = {}
         for slug in manifest["categories"]:
             c = self.svc.index.categories.get(slug)
+            folder = self.root / "categories" / slug
             if c is not None:
-                out[slug] = shared.list_sizes(c.index)
-            else:
-                index = fb.read(self.root / "categories" / slug / "index.faiss")  # held: the ivf is its part
+                if c.shared is not None:
+                    out[slug] = shared.list_sizes(c.index)
+            elif json.loads((folder / "index_infos.json").read_text()).get("shared"):
+                index = fb.read(folder / "index.faiss")  # held: the ivf is its part
                 ivf = faiss.extract_index_ivf(index)
                 out[slug] = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], np.int64)
                 del ivf, index

@@ -129,11 +129,18 @@ def test_append_and_delete(tmp_path, n):
     found = [ci.meta.column("item_id")[int(r)].as_py() for r in rows[:, 0]]
     assert found == new_ids[:5]  # appended items are found as their own nearest neighbour
     victims = {found[0], "i0"}
+    np.testing.assert_array_equal(ci.rows_of(fb.faiss_ids(ci.code, ci.seq)), np.arange(n + 100))
     ci, removed = ci.delete(victims)
     assert removed == 2 and ci.index.ntotal == n + 98
     _, rows = ci.search(xb[n:n + 1], 5)
     assert victims.isdisjoint(ci.meta.column("item_id")[int(r)].as_py() for r in rows[0] if r >= 0)
     assert CategoryIndex.load(tmp_path / "c").index.ntotal == n + 98
+    # after a delete the stored sequence numbers have gaps: every item still maps back to its own row,
+    # and a search for each remaining vector finds its own id
+    ids = np.concatenate([fb.faiss_ids(ci.code, ci.seq), [-1]])
+    np.testing.assert_array_equal(ci.rows_of(ids), np.concatenate([np.arange(n + 98), [-1]]))
+    rows_self = ci.search(np.asarray(ci.vectors[:20], np.float32), 1)[1][:, 0]
+    assert (rows_self == np.arange(20)).mean() >= 0.95
 
 
 def test_incomplete_folder_does_not_load(tmp_path):

@@ -53,6 +53,9 @@ class CategoryIndex:
         self._dense: np.ndarray | None = None  # float32 copy of the vectors, for exact scans (dense())
         self.rows_reader = RowReader(vectors)  # re-rank reads by pread, not through the map (RowReader)
         self.seq = meta.column("seq").to_numpy()
+        # seq is sorted and unique; with no deletes yet it is 0..n-1 and an id's low bits are its row (a
+        # binary search per candidate over 27 categories' seq arrays missed the cache: 0.05 ms per route)
+        self._seq_is_row = len(self.seq) == 0 or (int(self.seq[0]) == 0 and int(self.seq[-1]) == len(self.seq) - 1)
         self.code = int(infos.get("code", 0))
         self.params = fb.IndexParams(**infos["params"])
         self._active = self.params  # the knobs the faiss index is configured with now
@@ -221,7 +224,8 @@ class CategoryIndex:
 
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
         """faiss ids -> rows of ``meta`` (-1 stays -1)."""
-        return np.where(ids >= 0, np.searchsorted(self.seq, np.maximum(ids, 0) & fb.ID_MASK), -1)
+        low = np.maximum(ids, 0) & fb.ID_MASK
+        return np.where(ids >= 0, low if self._seq_is_row else np.searchsorted(self.seq, low), -1)
 
     def dense(self) -> np.ndarray:
         """All stored vectors as float32 (kept after the first call: meant for small categories)."""

@@ -90,13 +90,17 @@ def test_rerank_reads_stored_rows_without_growing_the_mapped_memory(tmp_path):
 
 
 def test_rows_widen_from_float16_exactly_in_either_reading_mode(tmp_path):
-    """The re-rank widens float16 rows through torch (15x numpy's cast): every float16 value, infinities,
-    NaN and subnormals included, must come out as numpy's exact widening gives it, read with pread or
-    through the map."""
-    from moonsearch.utils.io import RowReader, as_float32
+    """The re-rank widens float16 rows through torch or faiss (15x / 3x numpy's cast): every float16 value,
+    infinities, NaN and subnormals included, must come out as numpy's exact widening gives it, read with
+    pread or through the map."""
+    from moonsearch.utils.io import RowReader, as_float32, widen_faiss, widen_torch
 
     every = np.arange(2 ** 16, dtype=np.uint32).astype(np.uint16).view(np.float16).reshape(-1, 64)
-    np.testing.assert_array_equal(as_float32(every), every.astype(np.float32))  # NaNs compare equal here
+    for widen in (as_float32, widen_torch, widen_faiss):  # faiss's: processes that never load torch
+        got = widen(every)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, every.astype(np.float32))  # NaNs compare equal here
+    assert widen_faiss(every[:6].reshape(2, 3, 64)).shape == (2, 3, 64)
     np.save(tmp_path / "v.npy", every)
     mapped = np.load(tmp_path / "v.npy", mmap_mode="r")
     pick = np.random.default_rng(1).integers(0, len(every), (9, 4))

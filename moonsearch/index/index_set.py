@@ -17,11 +17,9 @@ import re
 import time
 from pathlib import Path
 
-import numpy as np
-
 from moonsearch.index.category import CategoryIndex, IndexMismatch
 from moonsearch.index.shared import SharedQuantizer
-from moonsearch.utils.io import as_float32, atomic_write_json
+from moonsearch.utils.io import atomic_write_json
 from moonsearch.errors import MissingFile
 
 FORMAT = 1
@@ -73,7 +71,6 @@ class IndexSet:
         if sum(c.vectors.nbytes for c in cats.values()) < MAP_RERANK_BELOW:
             for c in cats.values():
                 c.rows_reader.close()  # without its file descriptor the reader indexes the map
-        as_float32(np.zeros((1, 1), np.float16))  # the re-rank's cast imports torch: now, not on the first query
         return cls(root, manifest, cats, shared)
 
     def check_encoder(self, encoder_info: dict) -> None:

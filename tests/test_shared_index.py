@@ -109,6 +109,29 @@ def test_the_rerank_reads_rows_through_the_map_for_small_sets_and_with_pread_for
     assert multi_search(mapped, xq, 10) == multi_search(preads, xq, 10)
 
 
+def test_probing_through_the_occupied_centroids_equals_the_selector_search(world, built, monkeypatch):
+    """A group occupying few lists probes a flat index of just their centroids instead of the whole
+    quantizer behind a selector: the same lists, so the same hits, routed to one and to four categories
+    alike."""
+    import moonsearch.index.shared as shared_mod
+
+    out, _ = built
+    xq = np.load(world / "queries.npy")
+    iset = IndexSet.load(out)
+    cats = [iset.categories[s] for s in sorted(iset.categories)]
+    params = replace(cats[0].params, exact_scan_below=0, nprobe=8)  # the stacked lists, few probes
+    groups = [{0}, {3}, {1, 5, 9, 20}]
+    answers = {}
+    for few in (0.0, 1.0):  # never / always through the occupied centroids
+        monkeypatch.setattr(shared_mod, "FEW_LISTS", few)
+        iset.shared._selectors.clear()
+        answers[few] = [multi_search(cats, xq, 10, params, [g] * len(xq)) for g in groups]
+        subs = [hit[1][2] for hit in iset.shared._selectors.values() if hit[1] is not None]
+        assert subs and all((sub is None) == (few == 0.0) for sub in subs)
+    assert answers[0.0] == answers[1.0]
+    assert all(c in g for found, g in zip(answers[1.0], groups) for hits in found for _, c, _ in hits)
+
+
 def test_search_shards_return_what_one_process_returns(world, built):
     """moonsearch serve --ray: the categories dealt to 2 and 3 shards, each shard's shortlist merged by the
     router, give the single process's top-10, unrouted and routed, with the stacked lists forced on

@@ -36,6 +36,12 @@ SELECTOR_CACHE_BYTES = 64 << 20  # centroids of the groups' occupied lists kept 
 FEW_LISTS = 1 / 8  # a group occupying at most this share of the lists probes through a flat index of their centroids
 
 
+def occupancy(index: faiss.Index) -> np.ndarray:
+    """Items per inverted list of an IVF index (reads the lists' sizes, not their codes)."""
+    ivf = faiss.extract_index_ivf(index)
+    return np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], np.int64)
+
+
 class SharedQuantizer:
     def __init__(self, template: faiss.Index, infos: dict, path: Path | None = None):
         self.template, self.infos, self.path = template, infos, path
@@ -152,8 +158,7 @@ class SharedQuantizer:
             hit = self._sizes.get(key)
         if hit is not None and hit[0] is index:
             return hit[1]
-        ivf = faiss.extract_index_ivf(index)
-        sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], np.int64)
+        sizes = occupancy(index)
         sizes.flags.writeable = False
         with self._lock:
             self._sizes[key] = (index, sizes)

@@ -122,9 +122,8 @@ class ShardCore:
         """Items per inverted list of EVERY category of a shared-quantizer set (the other shards' categories
         read from their index files, mapped, codes untouched), so that a shard probes the lists one
         process would; None for sets without the shared layout."""
-        import faiss
-
         from moonsearch.index import faiss_backend as fb
+        from moonsearch.index.shared import occupancy
 
         shared = self.svc.index.shared
         if shared is None:
@@ -137,10 +136,7 @@ class ShardCore:
                 if c.shared is not None:
                     out[slug] = shared.list_sizes(c.index)
             elif json.loads((folder / "index_infos.json").read_text()).get("shared"):
-                index = fb.read(folder / "index.faiss")  # held: the ivf is its part
-                ivf = faiss.extract_index_ivf(index)
-                out[slug] = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], np.int64)
-                del ivf, index
+                out[slug] = occupancy(fb.read(folder / "index.faiss"))
         return out
 
     def _lists_of(self, slugs: Sequence[str]) -> np.ndarray | None:

@@ -50,7 +50,7 @@ class CategoryIndex:
         self._lexical = lexical
         self._mapped = mapped  # the faiss index is a read-only memory map of index.faiss
         self.shared = None  # the set's SharedQuantizer, when this category's index is a copy of its template
-        self._dense: np.ndarray | None = None  # float32 copy of the vectors, for exact scans (dense())
+        self._scanner: faiss.Index | None = None  # the stored rows for exact scans (scan())
         self.rows_reader = RowReader(vectors)  # re-rank reads by pread, not through the map (RowReader)
         self.seq = meta.column("seq").to_numpy()
         # seq is sorted and unique; with no deletes yet it is 0..n-1 and an id's low bits are its row (a
@@ -227,11 +227,23 @@ class CategoryIndex:
         low = np.maximum(ids, 0) & fb.ID_MASK
         return np.where(ids >= 0, low if self._seq_is_row else np.searchsorted(self.seq, low), -1)
 
-    def dense(self) -> np.ndarray:
-        """All stored vectors as float32 (kept after the first call: meant for small categories)."""
-        if self._dense is None or len(self._dense) != len(self.vectors):
-            self._dense = np.asarray(self.vectors, np.float32)
-        return self._dense
+    def scan(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k of the stored vectors: (scores (nq, k), rows (nq, k), -1 = none). Meant for small
+        categories: the first call keeps the float16 rows in a faiss flat index, whose SIMD inner products
+        read half the bytes of a float32 copy (3,700 x 256 rows: 0.09 ms a query against numpy's 0.23)."""
+        scanner = self._scanner
+        if scanner is None or scanner.ntotal != len(self.vectors):
+            vec = np.ascontiguousarray(self.vectors)
+            if vec.dtype == np.float16:
+                scanner = faiss.IndexScalarQuantizer(vec.shape[1], faiss.ScalarQuantizer.QT_fp16,
+                                                     faiss.METRIC_INNER_PRODUCT)
+                faiss.copy_array_to_vector(vec.view(np.uint8).ravel(), scanner.codes)
+                scanner.ntotal = len(vec)
+            else:
+                scanner = faiss.IndexFlatIP(vec.shape[1])
+                scanner.add(vec.astype(np.float32))
+            self._scanner = scanner
+        return scanner.search(np.ascontiguousarray(xq, np.float32), max(1, min(k, scanner.ntotal)))
 
     def exact(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Exact inner products of one query (d,) with stored rows (m,) -> (m,)."""

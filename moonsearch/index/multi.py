@@ -150,11 +150,10 @@ def _search_shared(cats, shared: list[int], xq: np.ndarray, k: int, params, chos
             for c, m in zip(key, members):
                 if m.index.ntotal == 0:
                     continue
-                sc = m.dense() @ xq[qs].astype(np.float32).T  # (rows, nq), exact
-                top = min(k, len(sc))
+                D, R = m.scan(xq[qs], k)  # exact
                 for j, q in enumerate(qs):
-                    r = np.argpartition(-sc[:, j], top - 1)[:top] if top < len(sc) else np.arange(len(sc))
-                    per_q[q].append((sc[r, j], r, c))
+                    ok = R[j] >= 0
+                    per_q[q].append((D[j][ok], R[j][ok], c))
             continue
         rerank = max(rerank, p.rerank)
         share = total / max(1, everything)

@@ -274,6 +274,21 @@ def build(split: str = "eval", seed: int = 0, max_products: int | None = None, s
     return out
 
 
+def product_concepts(source: str) -> dict[str, str]:
+    """``concepts(source)`` as the wide pool uses them: streamline-ultimate-color's topic prefix dropped
+    ("accounting-calculator" -> "calculator"), and of IconPark only its icons with 3+ fill colours."""
+    cs = concepts(source)
+    if source == "streamline-ultimate-color":
+        out: dict[str, str] = {}
+        for c, name in cs.items():
+            out.setdefault(c.split("-", 1)[-1], name)
+        return out
+    if source == "icon-park":
+        icons = fetch(source)["icons"]
+        return {c: n for c, n in cs.items() if len(set(re.findall(r"#[0-9a-fA-F]{3,6}", icons[n]["body"]))) >= 3}
+    return cs
+
+
 def build_wide(seed: int = 1, size: int = 224) -> RealSet:
     """The wide fitting pool as a set: products are the colour drawings of streamline-ultimate-color (the
     fit split's, name prefix dropped) and IconPark's multi-colour icons, each with a listing photo over the
@@ -282,12 +297,9 @@ def build_wide(seed: int = 1, size: int = 224) -> RealSet:
     check_wide_pool()
     rng = np.random.default_rng(seed)
     chosen: dict[str, tuple[str, str]] = {}
-    for c, name in concepts("streamline-ultimate-color").items():
-        chosen.setdefault(c.split("-", 1)[-1], ("streamline-ultimate-color", name))
-    icons = fetch("icon-park")["icons"]
-    for c, name in concepts("icon-park").items():
-        if len(set(re.findall(r"#[0-9a-fA-F]{3,6}", icons[name]["body"]))) >= 3:
-            chosen.setdefault(c, ("icon-park", name))
+    for src in ("streamline-ultimate-color", "icon-park"):
+        for c, name in product_concepts(src).items():
+            chosen.setdefault(c, (src, name))
     out = _products("wide", sorted(chosen), chosen, splits()["fit"].photos, rng, size)
     names = sorted(chosen)
     glyphs = {g: concepts(g) for g in WIDE_GLYPHS}

@@ -94,10 +94,20 @@ class EfficientNetLite(nn.Module):
         self._fc = nn.Linear(FEATURE_DIM, num_classes)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.suffix(self.prefix(x, 0), 0)  # (B, 1280, H/32, W/32)
+
+    def prefix(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """The stem and the first ``k`` blocks (what a tuned tower with k frozen blocks shares)."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
+        for block in self._blocks[:k]:
             x = block(x)
-        return F.relu6(self._bn1(self._conv_head(x)))  # (B, 1280, H/32, W/32)
+        return x
+
+    def suffix(self, h: torch.Tensor, k: int) -> torch.Tensor:
+        """Blocks k.. and the head convolution, from ``prefix(x, k)``."""
+        for block in self._blocks[k:]:
+            h = block(h)
+        return F.relu6(self._bn1(self._conv_head(h)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.feature_map(x).mean(dim=(2, 3))  # (B, 1280)

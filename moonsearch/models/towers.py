@@ -51,20 +51,41 @@ def _weights_key(model: torch.nn.Module, memo: dict) -> bytes:
     return memo[k][1]
 
 
+# Tuned towers (moonsearch.models.visual_tower) keep the stem and the first blocks of the pretrained
+# network frozen: the memo also keeps that prefix's output, so a tuned tower runs only its own blocks.
+SHARED_PREFIX = 8
+
+
 def feature_map(model, x: torch.Tensor) -> torch.Tensor:
     """``model.feature_map(x)`` (n, C, h, w), shared through ``shared_feature_maps()`` when active."""
+    return _memoised(model, x, "fm")
+
+
+def prefix_map(model, x: torch.Tensor, k: int = SHARED_PREFIX) -> torch.Tensor:
+    """``model.prefix(x, k)``, shared the same way (a feature map computed here left it in the memo)."""
+    return _memoised(model, x, ("prefix", k))
+
+
+def _memoised(model, x: torch.Tensor, what) -> torch.Tensor:
     memo = _MEMO.get()
+    compute = (lambda t: model.feature_map(t)) if what == "fm" else (lambda t: model.prefix(t, what[1]))
     if memo is None or (torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())):
-        return model.feature_map(x)
+        return compute(x)
     wk = _weights_key(model, memo)
     host = x.detach().float().cpu().contiguous()
-    keys = [(wk, tuple(row.shape), hashlib.sha1(row.numpy().tobytes()).digest()) for row in host]
-    todo = [i for i, k in enumerate(dict.fromkeys(keys)) if k not in memo]
+    keys = [(what, wk, tuple(row.shape), hashlib.sha1(row.numpy().tobytes()).digest()) for row in host]
     uniq = list(dict.fromkeys(keys))
+    todo = [i for i, k in enumerate(uniq) if k not in memo]
     if todo:
         first = {k: i for i, k in reversed(list(enumerate(keys)))}
-        rows = [first[uniq[i]] for i in todo]
-        out = model.feature_map(x[rows])
+        rows = x[[first[uniq[i]] for i in todo]]
+        if what == "fm":  # keep the shared prefix on the way through
+            mid = model.prefix(rows, SHARED_PREFIX)
+            out = model.suffix(mid, SHARED_PREFIX)
+            for i, m in zip(todo, mid):
+                memo[(("prefix", SHARED_PREFIX),) + uniq[i][1:]] = m
+        else:
+            out = compute(rows)
         for i, fm in zip(todo, out):
             memo[uniq[i]] = fm
     return torch.stack([memo[k] for k in keys])

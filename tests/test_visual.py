@@ -25,9 +25,9 @@ def test_query_kinds_get_their_own_weights():
     assert np.allclose(block.weights(kinds), [0, 0.9, 0.4])
 
 
-def test_clip_mini_carries_whitened_image_features(clip_mini, world):
+def test_clip_mini_carries_the_tuned_towers_vectors(clip_mini, world):
     from moonsearch.data.images import load_image
-    from moonsearch.models.visual import load_whitening
+    from moonsearch.models.visual_tower import TOWER, load_tuned
     import pyarrow.parquet as pq
 
     row = pq.read_table(world / "catalog.parquet").to_pylist()[0]
@@ -38,21 +38,39 @@ def test_clip_mini_carries_whitened_image_features(clip_mini, world):
     from moonsearch.vision.croppers import crop
     from moonsearch.vision.detector import DetectorCropper
 
-    mean, proj, _ = load_whitening(clip_mini.visual.whitening)
+    assert clip_mini.visual.tower == TOWER
+    tuned = load_tuned(TOWER).model
 
-    def by_hand(im):  # GeM-pooled EfficientNet features, normalised, centred, projected, normalised
-        fm = clip_mini.image_tower.model.feature_map(pil_to_tensor([im], 160, (127 / 255,) * 3, (128 / 255,) * 3))
-        gem = fm.detach().clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3).numpy()
-        return l2_normalize((l2_normalize(gem) - mean) @ proj)[0]
+    def by_hand(im):  # the tuned trunk's GeM-pooled features, normalised, through the head, normalised
+        fm = tuned.trunk.feature_map(pil_to_tensor([im], 160, (127 / 255,) * 3, (128 / 255,) * 3))
+        gem = fm.detach().clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3)
+        w, b = tuned.head.weight.detach().numpy(), tuned.head.bias.detach().numpy()
+        return l2_normalize(l2_normalize(gem.numpy()) @ w.T + b)[0]
 
     core = crop(img, DetectorCropper().boxes([img])[0])  # the picture and its core-product crop, summed
     want = l2_normalize(by_hand(img) + by_hand(core))
-    assert clip_mini.visual.dim == proj.shape[1] == v.shape[1] - sem
+    assert clip_mini.visual.dim == 256 == v.shape[1] - sem
     bq = clip_mini.visual.image_query
     assert np.allclose(v[0, sem:], bq * want, atol=1e-4)
     assert np.allclose(v[1, sem:], 0)  # a text query carries no visual evidence
     p = clip_mini.encode_products([Product("x", images=[img, img])])
     assert np.allclose(p[0, sem:], clip_mini.visual.product * want, atol=1e-4)
+
+
+def test_without_a_tuned_tower_the_block_is_the_whitened_pretrained_features(world):
+    from moonsearch.data.images import load_image
+    from moonsearch.models.towers import ImageTower, pil_to_tensor
+    from moonsearch.models.visual import VisualBlock, load_whitening
+    import pyarrow.parquet as pq
+
+    block, tower = VisualBlock(crops=False), ImageTower(160)
+    mean, proj, _ = load_whitening(block.whitening)
+    img = load_image(pq.read_table(world / "catalog.parquet").to_pylist()[0]["images"][0], world)
+    fm = tower.model.feature_map(pil_to_tensor([img], 160, (127 / 255,) * 3, (128 / 255,) * 3))
+    gem = fm.detach().clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3).numpy()
+    want = l2_normalize((l2_normalize(gem) - mean) @ proj)
+    assert np.allclose(block.pictures(tower, [img]), want, atol=1e-5)
+    assert block.fingerprint() != VisualBlock(crops=False, tower="real-pool-v1").fingerprint()
 
 
 def test_the_packaged_whitening_was_fitted_on_the_fit_split_only():
@@ -113,7 +131,8 @@ def test_moon_fingerprint_changes_with_anything_that_changes_the_vectors():
     base = vector_fingerprint(cfg, b"weights")
     assert vector_fingerprint(cfg, b"weights") == base
     for change in (dict(pool="mean"), dict(text_first=False), dict(visual_product=0.0), dict(cropper="centre"),
-                   dict(visual_whitening=""), dict(visual_crops=False), dict(text_block=0.0), dict(text_block=0.7)):
+                   dict(visual_whitening=""), dict(visual_crops=False), dict(text_block=0.0), dict(text_block=0.7),
+                   dict(visual_tower="")):
         assert vector_fingerprint(dataclasses.replace(cfg, **change), b"weights") != base, change
     assert vector_fingerprint(cfg, b"other weights") != base
 

@@ -78,13 +78,26 @@ class VisualBlock:
     text_image_query: float = 0.5  # photo + words: the words take a larger share
     whitening: str = WHITENING
     crops: bool = True  # each picture is n(v(picture) + v(its core-product crop)) (the encoder's cropper)
+    # a packaged fine-tuned tower (moonsearch.models.visual_tower, assets/tower-NAME.safetensors) whose
+    # own unit vectors replace the pretrained tower's whitened features; "" = pretrained + ``whitening``
+    tower: str = ""
 
     @property
     def dim(self) -> int:
+        if self.tower:
+            from moonsearch.models.visual_tower import load_tuned
+
+            return load_tuned(self.tower).dim
         return load_whitening(self.whitening)[1].shape[1] if self.whitening else RAW_DIM
 
     def fingerprint(self) -> bytes:
-        """What changes the visual vectors beyond the weights: the transform's bytes."""
+        """What changes the visual vectors beyond the weights: the transform's (or tuned tower's) bytes."""
+        if self.tower:
+            import hashlib
+
+            from moonsearch.models.visual_tower import load_tuned
+
+            return b"tower:" + hashlib.sha1(load_tuned(self.tower).raw).digest()
         return load_whitening(self.whitening)[2] if self.whitening else b"raw-avg"
 
     def pictures(self, tower, images: list, crops: list | None = None, pooled=None) -> np.ndarray:
@@ -96,6 +109,14 @@ class VisualBlock:
 
         if not images:
             return np.zeros((0, self.dim), np.float32)
+        if self.tower:  # the tuned tower sees the pictures itself (the pretrained tower's features are not used)
+            from moonsearch.models.visual_tower import load_tuned
+
+            tuned = load_tuned(self.tower)
+            v = tuned.vectors(images)
+            if crops is not None and self.crops:
+                v = l2_normalize(v + tuned.vectors(crops)).astype(np.float32)
+            return v
         avg, gem = pooled if pooled is not None else tower.pooled(images)[:2]
         v = self.image_vectors(avg.numpy(), gem.numpy())
         if crops is not None and self.crops:

@@ -29,6 +29,7 @@ from torch import nn
 from moonsearch.models.base import DualEncoder, Fusion
 from moonsearch.models.towers import ImageTower, MiniLMTextTower
 from moonsearch.models.visual import WHITENING, VisualBlock
+from moonsearch.models.visual_tower import TOWER
 from moonsearch.errors import MissingFile
 
 ASSETS = Path(__file__).parent / "assets"
@@ -50,6 +51,7 @@ class MiniConfig:
     visual_text_image_query: float = 0.5
     visual_whitening: str = WHITENING  # per-image transform of the visual block ("" = raw average-pooled)
     visual_crops: bool = True  # a picture's visual vector = n(picture + its detector crop)
+    visual_tower: str = TOWER  # the packaged fine-tuned image tower of the block (replaces the whitening; "" = none)
 
 
 class MiniHeads(nn.Module):
@@ -124,7 +126,7 @@ class ClipMini(DualEncoder):
         cfg = self.heads.cfg
         self.fusion = Fusion(cfg.image_weight, cfg.text_weight)
         self.visual = VisualBlock(cfg.visual_product, cfg.visual_image_query, cfg.visual_text_image_query,
-                                  cfg.visual_whitening, cfg.visual_crops) if cfg.visual_product > 0 else None
+                                  cfg.visual_whitening, cfg.visual_crops, cfg.visual_tower) if cfg.visual_product > 0 else None
         self.cropper = None
         if self.visual and self.visual.crops:  # the core-product detector (a box head on the same tower)
             from moonsearch.models.cropping import make_cropper

@@ -15,7 +15,7 @@ MINI_CHECKPOINT = ASSETS / "moon-mini"  # trained weights only (experts, gates, 
 # Pooling and the visual block as measured on the real-artwork fit split (benchmarks/README.md): text and
 # image positions pooled apart, the text first, whitened EfficientNet features beside the pooled vector.
 MINI = dict(backbone="composed", source="smollm2-135m", num_layers=6, grid=2, image_size=160, pool="split",
-            text_first=True, visual_product=0.7071, text_block=0.55)
+            text_first=True, visual_product=0.7071, text_block=0.55, visual_tower="real-pool-v1")
 MINI_MOE = dict(low_rank=32)
 
 

@@ -63,6 +63,7 @@ class MoonConfig:
     visual_text_image_query: float = 0.5
     visual_whitening: str = "real-fit-v1"  # per-image transform (moonsearch.models.visual; "" = raw average-pooled)
     visual_crops: bool = True  # visual vector of a picture = n(picture + its core-product crop) (with use_crops)
+    visual_tower: str = ""  # a packaged fine-tuned image tower for the block (replaces the whitening; "" = none)
     # the text block: the pretrained MiniLM sentence embedding (moonsearch.models.towers.MiniLMTextTower)
     # of the input's text beside everything above, [(1-c^2)^.5 * v, c * m(text)]: product text = title,
     # category, attributes; a query without text gets an empty block, so a photo query scores every
@@ -183,7 +184,7 @@ class MoonEncoder(Encoder):
 
             self.visual = VisualBlock(self.cfg.visual_product, self.cfg.visual_image_query,
                                       self.cfg.visual_text_image_query, self.cfg.visual_whitening,
-                                      self.cfg.visual_crops)
+                                      self.cfg.visual_crops, self.cfg.visual_tower)
             self.image_tower = ImageTower(self.cfg.image_size, self.device)
         self.dim = model.dim + (self.visual.dim if self.visual else 0)
         self.text_tower = None
@@ -402,10 +403,10 @@ def vector_fingerprint(cfg: MoonConfig, weights: bytes = b"") -> str:
     cropper, crops, pooling, visual block) and the detector head when the detector crops."""
     h = hashlib.sha1(weights)
     h.update(json.dumps(cfg.to_dict(), sort_keys=True).encode())
-    if cfg.visual_product > 0 and cfg.visual_whitening:
-        from moonsearch.models.visual import load_whitening
+    if cfg.visual_product > 0 and (cfg.visual_whitening or cfg.visual_tower):
+        from moonsearch.models.visual import VisualBlock
 
-        h.update(load_whitening(cfg.visual_whitening)[2])
+        h.update(VisualBlock(whitening=cfg.visual_whitening, tower=cfg.visual_tower).fingerprint())
     if cfg.use_crops:
         from moonsearch.models.cropping import cropper_fingerprint
 

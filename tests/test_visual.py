@@ -38,17 +38,25 @@ def test_clip_mini_carries_the_tuned_towers_vectors(clip_mini, world):
     from moonsearch.vision.croppers import crop
     from moonsearch.vision.detector import DetectorCropper
 
-    assert clip_mini.visual.tower == TOWER
-    tuned = load_tuned(TOWER).model
+    from moonsearch.models.efficientnet_lite import load_pretrained
 
-    def by_hand(im):  # the tuned trunk's GeM-pooled features, normalised, through the head, normalised
-        fm = tuned.trunk.feature_map(pil_to_tensor([im], 160, (127 / 255,) * 3, (128 / 255,) * 3))
+    assert clip_mini.visual.tower == TOWER
+    tuned = load_tuned(TOWER)
+    assert tuned.frozen == 8
+    pretrained = load_pretrained()
+
+    def by_hand(im, own_prefix=False):  # the pretrained stem + 8 blocks, the tuned blocks, GeM, L2, head, L2
+        x = pil_to_tensor([im], 160, (127 / 255,) * 3, (128 / 255,) * 3)
+        trunk = tuned.model.trunk
+        fm = trunk.feature_map(x) if own_prefix else trunk.suffix(pretrained.prefix(x, 8), 8)
         gem = fm.detach().clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3)
-        w, b = tuned.head.weight.detach().numpy(), tuned.head.bias.detach().numpy()
+        w, b = tuned.model.head.weight.detach().numpy(), tuned.model.head.bias.detach().numpy()
         return l2_normalize(l2_normalize(gem.numpy()) @ w.T + b)[0]
 
     core = crop(img, DetectorCropper().boxes([img])[0])  # the picture and its core-product crop, summed
     want = l2_normalize(by_hand(img) + by_hand(core))
+    # the file's own (fp16-stored) copy of the frozen blocks gives the same vector up to that rounding
+    assert float(want @ l2_normalize(by_hand(img, True) + by_hand(core, True))) > 0.9999
     assert clip_mini.visual.dim == 256 == v.shape[1] - sem
     bq = clip_mini.visual.image_query
     assert np.allclose(v[0, sem:], bq * want, atol=1e-4)

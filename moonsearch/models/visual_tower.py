@@ -71,7 +71,9 @@ class TunedVisual:
         self.dim = model.head.out_features
         self.frozen = int(meta.get("recipe", {}).get("frozen_blocks", 0))
         if self.frozen:
-            pretrained = effnet.load_pretrained().state_dict()
+            from moonsearch.models.towers import _effnet
+
+            pretrained = _effnet().state_dict()  # the shared pretrained tower (loaded once per process)
             own = model.trunk.state_dict()
             for k, v in own.items():
                 block = k.split(".")[1] if k.startswith("_blocks.") else None

@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # ~17 s (two interpreters): make test-slow, which CI runs after make test
 def test_gpu_check_dry_run_measures_faiss_and_moon(tmp_path):
     script = ROOT / "benchmarks" / "gpu_check.py"
     subprocess.run([sys.executable, script, "prepare", "--assets", tmp_path / "assets"], check=True, cwd=ROOT)

@@ -18,8 +18,8 @@ from torch import nn
 
 from moonsearch.errors import MissingFile, UserError
 from moonsearch.models import efficientnet_lite as effnet
+from moonsearch.models.towers import GEM_P
 
-GEM_P = 3.0
 ASSETS = Path(__file__).parent / "assets"
 # the packaged tower (assets/tower-real-pool-v1.safetensors): the wide pool's 36 vendors, recipe
 # "pairs-text-late" of benchmarks/tune_tower.py, 1,079 steps on one H200 (benchmarks/README, "Tuned tower")

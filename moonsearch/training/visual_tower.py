@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -220,7 +220,6 @@ class Recipe:
     frozen_blocks: int = 0  # the stem and this many MBConv blocks keep their pretrained weights
     colour_side: float = 0.5  # a concept with a colour drawing puts it on one side this often
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def load_pack(folder: Path) -> tuple[dict[str, np.ndarray], dict, dict[str, torch.Tensor]]:

@@ -92,6 +92,7 @@ def test_photos_never_make_a_product_harder_to_find_by_text(name, request, eval_
     assert res["rows"]["clean+listing"]["image"]["R@10"] > res["rows"]["no photos"]["image"]["R@10"]
 
 
+@pytest.mark.slow  # ~13 s: make test-slow (CI runs it); the property itself is checked above in make test
 def test_the_check_catches_photos_that_drown_the_text(moon_mini, eval_set):
     """The paper's pooling (one mean over every position, images first) on the same weights: the
     image tokens swamp the title, and the check above would fail."""

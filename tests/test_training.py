@@ -433,7 +433,6 @@ def _fsdp_worker(rank, world, init, cfg, out):
     dist.destroy_process_group()
 
 
-@pytest.mark.slow  # ~18 s (two gloo processes): make test-slow, which CI runs after make test
 def test_fsdp_matches_ddp_and_resumes(train_cfg, tmp_path):
     """2 gloo processes: FSDP (sharded parameters, gradients, optimiser state) takes the same steps as DDP,
     and its gathered checkpoint reloads into a fresh sharded trainer."""

@@ -167,3 +167,28 @@ def test_unusable_catalogs_are_one_clear_error(tmp_path):
         res = CliRunner().invoke(app, ["validate", str(path)])
         assert res.exit_code == 2
         assert words in res.output and "Traceback" not in res.output
+
+
+def test_cache_folders_are_built_whole_or_not_at_all(tmp_path):
+    """Cache folders (the SmolLM2 copy, tiny test backbones) appear in one rename: a half-written folder
+    from an older build is replaced, a finished one is kept, a failed build leaves nothing behind."""
+    from moonsearch.utils.io import build_folder_once
+
+    def build(tmp):
+        (tmp / "config.json").write_text("{}")
+        (tmp / "weights").write_text("w")
+
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "config.json").write_text("{}")  # an interrupted non-atomic build: config, no weights
+    assert (build_folder_once(half, "weights", build) / "weights").read_text() == "w"
+    (half / "weights").write_text("kept")
+    assert (build_folder_once(half, "weights", build) / "weights").read_text() == "kept"
+
+    def broken(tmp):
+        (tmp / "config.json").write_text("{}")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        build_folder_once(tmp_path / "new", "weights", broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["half"]  # no folder, no temporary left

@@ -409,7 +409,7 @@ def test_config_values_are_typed_and_named_when_wrong():
             load_config("moon-mini-cpu", **bad)
 
 
-def _fsdp_worker(rank, world, init, cfg, out):
+def _fsdp_worker(rank, world, init, cfg, out, cache):
     import torch.distributed as dist
 
     from datetime import timedelta
@@ -418,6 +418,14 @@ def _fsdp_worker(rank, world, init, cfg, out):
 
     # a timeout: ranks issuing different collectives fail the test instead of hanging it
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    # an empty cache whose tiny backbone folder rank 1 builds, under a process group, where transformers'
+    # save_pretrained writes weights on rank 0 only: both ranks must then load a whole folder
+    os.environ["MOONSEARCH_CACHE"] = cache
+    if rank == 1:
+        from moonsearch.models.moon import builtin_config
+
+        builtin_config("moon-tiny")
+    dist.barrier()
     tr = Trainer(cfg)
     for _ in range(2):
         tr.train_step()
@@ -433,15 +441,17 @@ def _fsdp_worker(rank, world, init, cfg, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # ~20 s (two gloo processes): make test-slow, which CI runs after make test
 def test_fsdp_matches_ddp_and_resumes(train_cfg, tmp_path):
     """2 gloo processes: FSDP (sharded parameters, gradients, optimiser state) takes the same steps as DDP,
-    and its gathered checkpoint reloads into a fresh sharded trainer."""
+    and its gathered checkpoint reloads into a fresh sharded trainer. Each run starts from an empty cache,
+    so the test no longer depends on an earlier test having built the backbone's folder."""
     import torch.multiprocessing as mp
 
     for strategy in ("ddp", "fsdp"):
         cfg = replace(train_cfg, out=str(tmp_path / strategy), strategy=strategy, hard_negatives=False, queue_size=0)
-        mp.spawn(_fsdp_worker, args=(2, f"file://{tmp_path}/init-{strategy}", cfg, str(tmp_path)), nprocs=2,
-                 join=True)
+        mp.spawn(_fsdp_worker, args=(2, f"file://{tmp_path}/init-{strategy}", cfg, str(tmp_path),
+                                     str(tmp_path / f"cache-{strategy}")), nprocs=2, join=True)
     ddp, fsdp = (torch.load(tmp_path / f"{s}.pt", weights_only=True) for s in ("ddp", "fsdp"))
     assert fsdp["sharded"] == "DTensor" and ddp["sharded"] == "Parameter"
     assert ddp["full"].keys() == fsdp["full"].keys()

@@ -180,6 +180,37 @@ def swap_in_dir(tmp: str | Path, final: str | Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def build_folder_once(final: str | Path, marker: str, build) -> Path:
+    """A cache folder that several processes may ask for at once (the ranks of a spawned run, parallel
+    jobs): ``build(tmp)`` fills a private temporary sibling, which is renamed in whole, so no process
+    ever sees a half-written folder. ``final / marker`` marks a finished one; a process that loses the
+    race keeps the winner's folder and drops its own."""
+    import shutil
+
+    final = Path(final)
+    if (final / marker).exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        build(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
+        if not (final / marker).exists():
+            if final.exists():  # left unfinished by an older, non-atomic build
+                swap_in_dir(tmp, final)
+            else:
+                try:
+                    os.rename(tmp, final)
+                except OSError:  # another process renamed its folder in first
+                    if not (final / marker).exists():
+                        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def parse_category(text: str) -> list[str]:
     """'a > b > c' (or 'a/b/c') -> ['a', 'b', 'c']: the one parser for category paths written as text."""
     sep = ">" if ">" in text else "/"

@@ -17,10 +17,9 @@ def _clip_mini(heads=None, device=None):
 @register(r"clip-tiny", "tiny random open_clip model for tests (built once into the cache folder)")
 def _clip_tiny(device=None):
     from moonsearch.models.clip.openclip import OpenClipEncoder, save_tiny_clip
+    from moonsearch.utils.io import build_folder_once
 
-    folder = cache_dir() / "clip-tiny"
-    if not (folder / "open_clip_model.safetensors").exists():
-        save_tiny_clip(folder)
+    folder = build_folder_once(cache_dir() / "clip-tiny", "open_clip_model.safetensors", save_tiny_clip)
     enc = OpenClipEncoder(str(folder), device)
     enc.name = "clip-tiny"
     return enc

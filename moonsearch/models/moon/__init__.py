@@ -37,11 +37,10 @@ def builtin_config(name: str):
 def _tiny_folder() -> Path:
     from moonsearch.paths import cache_dir
     from moonsearch.models.moon.backbones import save_tiny_qwen_vl
+    from moonsearch.utils.io import build_folder_once
 
-    folder = cache_dir() / "tiny-qwen2-vl"
-    if not (folder / "config.json").exists():
-        save_tiny_qwen_vl(folder)
-    return folder
+    # its last file marks it finished: spawned ranks that ask at once never load a half-written folder
+    return build_folder_once(cache_dir() / "tiny-qwen2-vl", "preprocessor_config.json", save_tiny_qwen_vl)
 
 
 @register(r"moon-mini", "offline MOON, trained: EfficientNet-Lite0 + SmolLM2-135M (6 layers), guided MoE, crops "

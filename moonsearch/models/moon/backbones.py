@@ -15,7 +15,7 @@ import torch
 
 from moonsearch.models.moon.adapters import ComposedAdapter, QwenVLAdapter
 from moonsearch.errors import UserError
-from moonsearch.utils.io import swap_in_dir
+from moonsearch.utils.io import build_folder_once
 
 
 def smollm2_folder() -> Path:
@@ -40,11 +40,23 @@ def smollm2_folder() -> Path:
     cfg = AutoConfig.for_model(**loaded.config.to_dict())
     fresh = AutoModelForCausalLM.from_config(cfg)
     fresh.load_state_dict(loaded.state_dict())
-    tmp = folder.with_name(folder.name + ".tmp")
-    fresh.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    swap_in_dir(tmp, folder)
-    return folder
+
+    def build(tmp):
+        save_weights(fresh, tmp)
+        tok.save_pretrained(tmp)
+
+    return build_folder_once(folder, "model.safetensors", build)
+
+
+def save_weights(model, folder: Path) -> None:
+    """config.json + model.safetensors in the Hugging Face layout, written by every process that asks.
+    transformers' ``save_pretrained`` writes weights on rank 0 only once a process group exists, so a
+    cache folder built by another rank of a distributed run would lack them."""
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})  # tied weights stored once
 
 
 def _resolve_lm(source: str) -> str:
@@ -116,7 +128,7 @@ def save_tiny_qwen_vl(folder: str | Path, family: str = "qwen2_vl", seed: int = 
         model = Qwen2_5_VLModel(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special))
     else:
         raise ValueError(family)
-    model.save_pretrained(folder)
+    save_weights(model, folder)
     tok.save_pretrained(folder)
     Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(folder)
     return folder

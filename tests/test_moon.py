@@ -1,4 +1,5 @@
 """MOON-specific promises: guided routing, upcycling, pooling, checkpoints, backbones, croppers."""
+import json
 import numpy as np
 import pytest
 import torch
@@ -326,3 +327,17 @@ def test_batched_vision_windows_match_the_per_window_loop(tmp_path, family, monk
         b = b[0] if isinstance(b, (tuple, list)) else b
         assert a.shape == b.shape
         assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+
+
+def test_the_cached_smollm2_copy_loads_whole_as_moon_minis_base_model():
+    """moon-mini's LM is a copy of the packaged GGUF, written into the cache on first use. The base model
+    that moon-mini loads must find every weight in it: a missing one (SmolLM2's embedding table is tied
+    to its LM head) would be initialised at random without an error."""
+    from transformers import AutoModel
+
+    from moonsearch.models.moon.backbones import smollm2_folder
+
+    folder = smollm2_folder()
+    _, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]

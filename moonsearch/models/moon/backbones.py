@@ -51,12 +51,21 @@ def smollm2_folder() -> Path:
 def save_weights(model, folder: Path) -> None:
     """config.json + model.safetensors in the Hugging Face layout, written by every process that asks.
     transformers' ``save_pretrained`` writes weights on rank 0 only once a process group exists, so a
-    cache folder built by another rank of a distributed run would lack them."""
-    from safetensors.torch import save_model
+    cache folder built by another rank of a distributed run would lack them. Tied tensors (SmolLM2's
+    lm_head is its embedding table) are stored once under their first name, as transformers stores them:
+    the base model that moon-mini loads finds ``model.embed_tokens`` and ignores the head."""
+    from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(folder)
-    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})  # tied weights stored once
+    state, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            state[name] = t.detach().contiguous()
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _resolve_lm(source: str) -> str:

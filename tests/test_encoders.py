@@ -151,3 +151,39 @@ def test_efficientnet_lite_classifies_real_photos(variant):
         top = model.classify(model(x)).argmax(1).tolist()
     assert names[top[0]] in ("espresso", "cup", "coffee mug")
     assert names[top[1]] in ("Egyptian cat", "tabby", "tiger cat")
+
+
+def _transparent_icon() -> Image.Image:
+    """A red disc on a transparent canvas whose hidden pixels are black, as most PNG exports store them,
+    with a half-transparent rim."""
+    a = np.zeros((96, 96, 4), np.uint8)
+    yy, xx = np.mgrid[:96, :96]
+    r = np.hypot(yy - 48, xx - 48)
+    a[r < 30] = (220, 30, 30, 255)
+    a[(r >= 30) & (r < 34)] = (220, 30, 30, 128)
+    return Image.fromarray(a, "RGBA")
+
+
+def test_transparent_pictures_are_read_on_white_everywhere(clip_mini, tmp_path):
+    """A product shot with a transparent background is shown on white by a shop page: files, uploads and
+    PIL pictures handed to an encoder are all read that way, never as the black stored under the
+    transparent pixels."""
+    import io
+
+    from moonsearch.data.images import decode, to_rgb
+
+    icon = _transparent_icon()
+    buf = io.BytesIO()
+    icon.save(buf, "PNG")
+    read = np.asarray(decode(buf.getvalue()))
+    assert (read[0, 0] == 255).all() and tuple(read[48, 48]) == (220, 30, 30)
+    assert np.abs(read[48, 80].astype(int) - (238, 143, 143)).max() <= 1  # half-transparent rim: half red, half white
+    pal = icon.convert("RGB").quantize(4)
+    pal.info["transparency"] = int(np.asarray(pal)[0, 0])  # a palette PNG whose background index is transparent
+    buf = io.BytesIO()
+    pal.save(buf, "PNG", transparency=pal.info["transparency"])
+    assert (np.asarray(decode(buf.getvalue()))[0, 0] == 255).all()
+    white, black = to_rgb(icon), icon.convert("RGB")
+    v = clip_mini.encode_queries([Query(image=icon), Query(image=white), Query(image=black)])
+    np.testing.assert_allclose(v[0], v[1], atol=1e-6)
+    assert float(v[0] @ v[2]) < 0.99

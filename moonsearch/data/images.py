@@ -24,6 +24,25 @@ MAX_PIXELS = 64_000_000  # anything larger is treated as a decompression bomb
 MAX_DOWNLOAD_BYTES = 32 * 1024 * 1024
 
 
+# how pictures become RGB: a picture with transparency is laid on white, as a shop page shows it (a bare
+# convert("RGB") would show the colour stored under its transparent pixels, black in most PNG exports).
+# Part of the indexer's content keys, so vectors cached under another reading are embedded again.
+RGB_READING = "rgb-on-white"
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as RGB; transparent and translucent pixels laid on white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info) \
+            or (img.mode in ("L", "RGB", "I", "I;16") and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        out = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        out.alpha_composite(rgba)
+        return out.convert("RGB")
+    return img.convert("RGB")
+
+
 class ImageError(UserError):
     """An image could not be used; the message is the reason shown to the user."""
 
@@ -92,7 +111,7 @@ def decode(data: bytes, what: str = "image") -> Image.Image:
         raise ImageError(f"{what}: {kind} image ({msg})") from None
     except Exception as e:  # Pillow raises assorted errors on hostile files
         raise ImageError(f"{what}: corrupt image ({type(e).__name__}: {e})") from None
-    return img.convert("RGB")
+    return to_rgb(img)
 
 
 def load_image(ref: ImageRef, base_dir: Path | None = None, timeout: float = 10.0) -> Image.Image:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from moonsearch.data.images import to_rgb
 from moonsearch.models import efficientnet_lite as effnet
 
 GEM_P = 3.0  # generalised-mean pooling exponent of the visual block's features
@@ -95,7 +96,7 @@ def pil_to_tensor(images: Sequence[Image.Image], size: int, mean, std) -> torch.
     """Resize the shorter side to ``size``, centre-crop, normalise -> (n, 3, size, size) float32."""
     out = np.empty((len(images), size, size, 3), np.float32)
     for i, img in enumerate(images):
-        img = img.convert("RGB")
+        img = to_rgb(img)
         w, h = img.size
         s = size / min(w, h)
         img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)

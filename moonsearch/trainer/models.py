@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moonsearch.data.images import to_rgb
 from moonsearch.models.base import Product, Query, product_text
 from moonsearch.trainer.config import TrainConfig
 from moonsearch.utils.cache import fill_missing
@@ -256,7 +257,7 @@ class OpenClipTrainable(_DualTrainable):
         self.source = cfg.model
 
     def _images(self, images):
-        x = torch.stack([self.encoder.preprocess(im.convert("RGB")) for im in images]).to(self.encoder.device)
+        x = torch.stack([self.encoder.preprocess(to_rgb(im)) for im in images]).to(self.encoder.device)
         return F.normalize(self.module.encode_image(x).float(), dim=-1)
 
     def _texts(self, texts):

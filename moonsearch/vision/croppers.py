@@ -17,6 +17,7 @@ import re
 import numpy as np
 from PIL import Image
 
+from moonsearch.data.images import to_rgb
 from moonsearch.errors import UserError
 from moonsearch.models.cropping import Box, Cropper, crop, make_cropper, register_cropper  # noqa: F401 (re-exported)
 
@@ -41,7 +42,7 @@ class SaliencyCropper:
 
     def box(self, image, title=""):
         w, h = image.size
-        a = np.asarray(image.convert("RGB").resize((self.side, self.side)), np.float32)
+        a = np.asarray(to_rgb(image).resize((self.side, self.side)), np.float32)
         border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])  # (4*side, 3)
         bg = np.median(border, axis=0)
         dist = np.linalg.norm(a - bg, axis=-1)  # (side, side)

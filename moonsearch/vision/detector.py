@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moonsearch.data.images import to_rgb
 from moonsearch.models import efficientnet_lite as eff
 from moonsearch.models.towers import feature_map, pil_to_tensor
 from moonsearch.vision.croppers import SaliencyCropper
@@ -80,7 +81,7 @@ class DetectorCropper:
         out = []
         for s in range(0, len(images), batch_size):
             part = images[s:s + batch_size]
-            x = pil_to_tensor([im.resize((SIZE, SIZE)) for im in part], SIZE, eff.MEAN, eff.STD)
+            x = pil_to_tensor([to_rgb(im).resize((SIZE, SIZE)) for im in part], SIZE, eff.MEAN, eff.STD)
             pred = to_xyxy(self.head(feature_map(self.backbone, x))).clamp(0, 1).tolist()
             for im, b in zip(part, pred):
                 w, h = im.size

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from moonsearch.data.images import to_rgb
 from moonsearch.models.base import DualEncoder, Fusion
 from moonsearch.errors import MissingFile, UserError
 
@@ -74,7 +75,7 @@ class OpenClipEncoder(DualEncoder):
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
         out = []
         for s in range(0, len(images), batch_size):
-            x = torch.stack([self.preprocess(im.convert("RGB")) for im in images[s:s + batch_size]]).to(self.device)
+            x = torch.stack([self.preprocess(to_rgb(im)) for im in images[s:s + batch_size]]).to(self.device)
             out.append(torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1).cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, self.dim), np.float32)
 

@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from moonsearch.data.images import to_rgb
 from moonsearch.models.moon.tokens import PAD, Segment
 
 
@@ -115,7 +116,7 @@ class QwenVLAdapter(BackboneAdapter):
             i_, t_, m_ = [], [], []
             for seg in segs:
                 if seg.image is not None:
-                    img = seg.image.convert("RGB").resize((self.image_size, self.image_size))
+                    img = to_rgb(seg.image).resize((self.image_size, self.image_size))
                     images.append(img)
                     proc = self.image_processor(images=[img], return_tensors="pt")
                     n = int(proc["image_grid_thw"][0].prod()) // self.merge ** 2

@@ -187,3 +187,24 @@ def test_transparent_pictures_are_read_on_white_everywhere(clip_mini, tmp_path):
     v = clip_mini.encode_queries([Query(image=icon), Query(image=white), Query(image=black)])
     np.testing.assert_allclose(v[0], v[1], atol=1e-6)
     assert float(v[0] @ v[2]) < 0.99
+
+
+def test_photos_are_read_upright_by_their_exif_orientation():
+    """A phone photo stored sideways with an orientation tag is read the way browsers show it."""
+    import io
+
+    from moonsearch.data.images import decode
+
+    a = np.full((40, 60, 3), 255, np.uint8)
+    a[:, :10] = (200, 0, 0)  # a red band along the stored picture's left edge
+    stored = Image.fromarray(a)
+    exif = stored.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    shown = np.asarray(decode(buf.getvalue()))
+    assert shown.shape[:2] == (60, 40)
+    assert shown[:10, :, 0].mean() > 150 and shown[:10, :, 1].mean() < 60  # the band is now along the top
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", quality=95)  # without the tag: as stored
+    assert np.asarray(decode(buf.getvalue())).shape[:2] == (40, 60)

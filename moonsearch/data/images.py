@@ -16,18 +16,20 @@ import weakref
 from pathlib import Path
 from typing import Union
 
-from PIL import Image
+from PIL import Image, ImageOps
 from moonsearch.errors import UserError
 
 ImageRef = Union[str, bytes]
 MAX_PIXELS = 64_000_000  # anything larger is treated as a decompression bomb
 MAX_DOWNLOAD_BYTES = 32 * 1024 * 1024
+EXIF_ORIENTATION = 0x0112
 
 
-# how pictures become RGB: a picture with transparency is laid on white, as a shop page shows it (a bare
-# convert("RGB") would show the colour stored under its transparent pixels, black in most PNG exports).
-# Part of the indexer's content keys, so vectors cached under another reading are embedded again.
-RGB_READING = "rgb-on-white"
+# how pictures are read: turned upright by their EXIF orientation (a phone photo stored sideways with
+# an orientation tag, as browsers show it), and a picture with transparency laid on white, as a shop page
+# shows it (a bare convert("RGB") shows the colour stored under transparent pixels, black in most PNG
+# exports). Part of the indexer's content keys, so vectors cached under another reading are embedded again.
+RGB_READING = "upright-rgb-on-white"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -88,7 +90,8 @@ def read_bytes(ref: ImageRef, base_dir: Path | None = None, timeout: float = 10.
 
 
 def decode(data: bytes, what: str = "image") -> Image.Image:
-    """Fully decode ``data`` to an RGB image, rejecting corrupt, truncated and bomb images."""
+    """Fully decode ``data`` to an upright RGB image (see RGB_READING), rejecting corrupt, truncated and
+    bomb images."""
     if not data:
         raise ImageError(f"{what}: empty file")
     try:
@@ -99,6 +102,8 @@ def decode(data: bytes, what: str = "image") -> Image.Image:
             if w * h > MAX_PIXELS:
                 raise ImageError(f"{what}: decompression bomb ({w}x{h} pixels > {MAX_PIXELS})")
             img.load()
+            if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                img = ImageOps.exif_transpose(img)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -82,6 +82,7 @@ def test_ray_index_equals_single_process(local_ray, catalog, clip_tiny, tmp_path
     assert sorted(map(key, again.problems)) == sorted(map(key, local.problems))
 
 
+@pytest.mark.slow  # ~19 s: make test-slow, which CI runs after make test
 def test_an_encoder_actor_killed_mid_run_loses_nothing(local_ray, catalog, clip_tiny, tmp_path):
     """SIGKILL one encoder actor's process while the catalog is being embedded: Ray Data restarts it and
     retries its batch, or the run fails and a re-run resumes from the embedding cache. Either way every

@@ -80,7 +80,8 @@ def _text_rank_change(enc, data):
     return res, res["text_rank_change"]
 
 
-@pytest.mark.parametrize("name", ["clip_mini", "moon_mini"])
+# the default model in make test; the baseline (~16 s) in make test-slow, which CI runs after it
+@pytest.mark.parametrize("name", [pytest.param("clip_mini", marks=pytest.mark.slow), "moon_mini"])
 def test_photos_never_make_a_product_harder_to_find_by_text(name, request, eval_set):
     enc = request.getfixturevalue(name)
     res, change = _text_rank_change(enc, eval_set)

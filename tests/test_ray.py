@@ -22,11 +22,17 @@ from moonsearch.search.service import SearchService  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 2 ** 20, log_to_driver=False,
-             configure_logging=False)
+def _ray_module():
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def local_ray(_ray_module):
+    """The module's local Ray cluster: started on first use, and again after a test that had to leave it."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 2 ** 20, log_to_driver=False,
+                 configure_logging=False)
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +150,10 @@ def test_ray_index_through_a_started_cluster_with_two_nodes(world, clip_tiny, tm
     env = dict(os.environ, RAY_DISABLE_USAGE_STATS="1", RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
     tmp = Path(f"/tmp/ms-ray-{port}")  # ray's socket paths must stay short
+    # 'ray stop --force' below ends every Ray process on this machine, the module's local cluster too, and
+    # a driver whose cluster dies is ended with it: leave that cluster first (local_ray starts it again)
+    if ray.is_initialized():
+        ray.shutdown()
     try:
         # each node keeps a CPU beside its actor: Ray Data's own tasks take a whole one
         subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",

@@ -33,16 +33,13 @@ RGB_READING = "upright-rgb-on-white"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """``img`` as RGB; transparent and translucent pixels laid on white."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info) \
-            or (img.mode in ("L", "RGB", "I", "I;16") and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        out = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        out.alpha_composite(rgba)
+    """``img`` as RGB; transparent and translucent pixels (an alpha channel, a palette with alpha, or a
+    transparent colour key: Pillow's ``has_transparency_data``) laid on white."""
+    if img.has_transparency_data:
+        out = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        out.alpha_composite(img.convert("RGBA"))
         return out.convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 class ImageError(UserError):

@@ -26,15 +26,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 (and writers may recreate the file)
+        _chmod_default(tmp, 0o666)  # mkstemp makes 0600 (and writers may recreate the file)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _chmod_default(path: Path, bits: int) -> None:
+    """The mode a plain create would have given ``path``: ``bits`` less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, bits & ~umask)
 
 
 def atomic_write_bytes(data: bytes, path: str | Path) -> None:
@@ -194,9 +199,7 @@ def build_folder_once(final: str | Path, marker: str, build) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         build(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
+        _chmod_default(tmp, 0o777)  # mkdtemp makes 0700
         if not (final / marker).exists():
             if final.exists():  # left unfinished by an older, non-atomic build
                 swap_in_dir(tmp, final)

@@ -363,6 +363,64 @@ def test_ablation_presets_change_what_they_say(world):
         assert (counts[0] > 0) == guided and (counts[1] > 0) == guided
 
 
+@pytest.mark.parametrize("preset,options", [
+    ("moon-tiny-test", {"visual_product": 0.7071, "text_block": 0.55, "pool": "blocks"}),
+    ("clip-finetune", {}),
+])
+def test_served_loss_trains_on_the_vectors_search_serves(world, tmp_path, preset, options):
+    """served_loss: what the loss scores is, row for row, what encode_products / encode_queries return
+    (trained part inside the fixed visual and text blocks, a product without photos at its served norm),
+    and a step moves the trained part only."""
+    import numpy as np
+
+    from moonsearch.trainer.config import load_config
+    from moonsearch.trainer.loop import Trainer
+
+    cfg = load_config(preset, data=str(world), out=str(tmp_path), steps=2, val_every=0, served_loss=True,
+                      batch_size=8, **({"model_options": options} if options else {}))
+    tr = Trainer(cfg)
+    assert tr.tm.dim == tr.enc.dim > tr.enc.semantic_dim  # the queue holds served vectors
+    recs = list(tr.batches.records)[:5]
+    products = [tr.batches.product(i, bare) for i, bare in zip(recs, [False, True, False, False, False])]
+    products[2] = replace(products[2], images=[])  # no photos: served at norm < 1, and trained so
+    queries = [tr.batches.query(p) for p in tr.train_pairs]
+    queries = [q for q in queries if q.image is not None][:2] + [q for q in queries if q.image is None][:2]
+    assert len(queries) == 4
+    tr.model.eval()
+    with torch.no_grad():
+        p_served = tr.tm.products(products)[0].float().numpy()
+        q_served = tr.tm.queries(queries)[0].float().numpy()
+    assert np.allclose(p_served, tr.enc.encode_products(products), atol=1e-5)
+    assert np.allclose(q_served, tr.enc.encode_queries(queries), atol=1e-5)
+    norms = np.linalg.norm(p_served, axis=1)
+    assert norms[2] < 0.99 and np.allclose(np.delete(norms, 2), 1, atol=1e-4)
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}
+    m = tr.train_step()
+    assert math.isfinite(m["loss"])
+    moved = [n for n, p in tr.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert moved
+    tr.model.eval()
+    with torch.no_grad():  # the fixed blocks stay as they were: only the trained part's columns change
+        after = tr.tm.products(products)[0].float().numpy()
+    fixed = slice(tr.enc.semantic_dim, None)  # [trained part, visual block, text block]
+    assert np.allclose(after[:, fixed], p_served[:, fixed], atol=1e-6)
+    assert not np.allclose(after, p_served, atol=1e-4)
+
+
+def test_served_loss_presets_change_only_what_the_loss_scores():
+    import dataclasses
+
+    from moonsearch.trainer.config import load_config
+
+    for name, parent, extra in [("moon-mini-served", "moon-mini-cpu", {"model_options"}),
+                                ("clip-finetune-served", "clip-finetune", set())]:
+        cfg, base = load_config(name), load_config(parent)
+        changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(base, f.name)}
+        assert changed == {"run_name", "served_loss"} | extra, (name, changed)
+        assert cfg.served_loss and not base.served_loss
+    assert load_config("moon-mini-served").model_options == {"pool": "blocks"}  # as moon-mini is served
+
+
 def test_field_dropout_withholds_category_and_attributes(world):
     from moonsearch.trainer.config import load_config
     from moonsearch.trainer.data import Batches

@@ -152,8 +152,6 @@ class DualEncoder(Encoder):
                 products: bool) -> np.ndarray:
         import torch
 
-        from moonsearch.models import visual as vis
-
         t_idx = [i for i, t in enumerate(texts) if t]
         t_emb = self.embed_texts([texts[i] for i in t_idx], batch_size) if t_idx else None
         flat = [im for g in image_groups for im in g]
@@ -161,11 +159,27 @@ class DualEncoder(Encoder):
         sizes = [len(g) for g in image_groups]
         sem = fuse(None if i_emb is None else torch.from_numpy(i_emb), sizes,
                    None if t_emb is None else torch.from_numpy(t_emb), [bool(t) for t in texts], self.fusion)
-        sem = sem.numpy().astype(np.float32)
+        return self._with_visual(sem.numpy().astype(np.float32), feats, texts, sizes, products)
+
+    def _with_visual(self, sem: np.ndarray, feats: np.ndarray | None, texts: list, sizes: list[int],
+                     products: bool) -> np.ndarray:
+        from moonsearch.models import visual as vis
+
         if self.visual is None:
             return sem
         v = vis.group_mean(feats if feats is not None else np.zeros((0, self.visual.dim), np.float32), sizes)
         return vis.compose(sem, v, self.visual.weights(vis.input_kinds(texts, sizes, products)))
+
+    def frame(self, texts: list[str | None], image_groups: list[list[Image.Image]], products: bool) -> np.ndarray:
+        """What the served vector holds around the fused semantic vector: (n, 1 + fixed dims), column 0
+        its factor, the rest the visual block as served (see MoonEncoder.frame)."""
+        from moonsearch.models.towers import shared_feature_maps
+
+        flat = [im for g in image_groups for im in g]
+        with shared_feature_maps():
+            feats = self.image_parts(flat)[1] if flat and self.visual is not None else None
+        return self._with_visual(np.ones((len(texts), 1), np.float32), feats, texts, [len(g) for g in image_groups],
+                                 products)
 
     def encode_queries(self, queries: Sequence[Query], batch_size: int = 32) -> np.ndarray:
         return self._encode([q.text for q in queries], [[q.image] if q.image is not None else [] for q in queries],

@@ -41,6 +41,9 @@ class TrainConfig:
     mask_groups: bool = field(default=True, metadata={"help": "mask negatives sharing the positive's group"})
     field_dropout: float = field(default=0.0, metadata={
         "help": "chance that a training product loses its category and attributes (robust to missing fields)"})
+    served_loss: bool = field(default=False, metadata={
+        "help": "score the loss on the vector as served: the trained part inside the encoder's fixed visual and "
+                "text blocks, so it learns what they miss (default: the trained part alone)"})
     aux_weight: float = field(default=0.01, metadata={"help": "weight of the MoE load-balancing loss"})
     modality_mix: tuple[int, int, int] = field(default=(12, 3, 2), metadata={"help": "text : image : text+image"})
     val_fraction: float = field(default=0.1, metadata={"help": "latest share of training pairs held out"})

@@ -222,7 +222,10 @@ class Trainer:
             with ctx:
                 p_emb, aux = self.tm.products(products)
                 q_emb, aux_q = self.tm.queries(queries)
-            p_emb, q_emb = F.normalize(p_emb.float(), dim=-1), F.normalize(q_emb.float(), dim=-1)
+            if self.tm.served:  # already the served vectors (a product without photos keeps its norm < 1)
+                p_emb, q_emb = p_emb.float(), q_emb.float()
+            else:
+                p_emb, q_emb = F.normalize(p_emb.float(), dim=-1), F.normalize(q_emb.float(), dim=-1)
             scored = contrastive_loss(q_emb, p_emb, (items, groups),
                                       (items + hard, groups + [self.batches.records[h].group_id for h in hard]),
                                       cfg, self.queue, self.rank, self.world, 1 / self.log_t.exp())

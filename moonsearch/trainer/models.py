@@ -48,6 +48,24 @@ class Trainable:
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
+    # ---- served_loss: the loss scores the vector search serves -----------------------------------
+    served = False  # set by the subclass from cfg.served_loss
+    _frame_cache: dict
+
+    def _serve(self, vec: torch.Tensor, keys: list, inputs: list, frames) -> torch.Tensor:
+        """[f0 * n(vec), fixed blocks]: the served vector, with the gradient flowing through the trained
+        part only. ``frames(inputs)`` -> (n, 1 + fixed) from the encoder's ``frame`` (the fixed blocks
+        are frozen, so each distinct input's frame is computed once per run)."""
+        if not self.served:
+            return vec
+        cache = self.__dict__.setdefault("_frame_cache", {})
+        rows = fill_missing(cache, keys, inputs, lambda todo: list(torch.from_numpy(frames(todo))))
+        f = torch.stack(rows).to(vec.device)
+        return torch.cat([f[:, :1] * F.normalize(vec.float(), dim=-1), f[:, 1:]], 1)
+
+    def served_dim(self, trained_dim: int) -> int:
+        return self.encoder.dim if self.served else trained_dim
+
     def new_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters that start from scratch rather than from pretrained weights."""
         return []
@@ -59,6 +77,19 @@ class Trainable:
         """Write the checkpoint (``state``: the full weights when the module is sharded); returns the
         registry name that loads it."""
         raise NotImplementedError
+
+
+def _product_key(p: Product) -> tuple:
+    from moonsearch.data.images import content_key
+
+    return ("product", p.title, tuple(p.category), tuple(sorted(p.attributes.items())),
+            tuple(content_key(im) for im in p.images))
+
+
+def _query_key(q: Query) -> tuple:
+    from moonsearch.data.images import content_key
+
+    return ("query", q.text, content_key(q.image) if q.image is not None else None)
 
 
 # ---- MOON ---------------------------------------------------------------------------------------
@@ -85,7 +116,8 @@ class MoonTrainable(Trainable):
                 apply_lora(self.encoder.model, cfg.lora_rank)
                 self.encoder.model.cfg = self.encoder.cfg = replace(self.encoder.cfg, lora_rank=cfg.lora_rank)
         self.module = self.encoder.model.to(device)
-        self.dim = self.module.dim
+        self.served = cfg.served_loss
+        self.dim = self.served_dim(self.module.dim)
         if cfg.gradient_checkpointing:
             enable_checkpointing(self.module)
         self.trainable = cfg.trainable
@@ -116,11 +148,15 @@ class MoonTrainable(Trainable):
 
     def products(self, products):
         pooled, aux, _ = self.module(self.encoder.product_batch(products))
-        return pooled, aux
+        n = self.encoder.cfg.max_images
+        return self._serve(pooled, [_product_key(p) for p in products], list(products), lambda ps: self.encoder.frame(
+            [p.title for p in ps], [list(p.images[:n]) for p in ps], [product_text(p) for p in ps], True)), aux
 
     def queries(self, queries):
         pooled, aux, _ = self.module(self.encoder.query_batch(queries))
-        return pooled, aux
+        return self._serve(pooled, [_query_key(q) for q in queries], list(queries), lambda qs: self.encoder.frame(
+            [q.text for q in qs], [[q.image] if q.image is not None else [] for q in qs], [q.text for q in qs],
+            False)), aux
 
     def save(self, folder, meta, state=None):
         from moonsearch.models.moon.encoder import save_pretrained
@@ -185,7 +221,9 @@ class _DualTrainable(Trainable):
         self.encoder = create_encoder(cfg.model, device)
         self.module = trained_part(self.encoder).train()  # every weight of it learns
         self.module.requires_grad_(True)
-        self.dim = self.encoder.semantic_dim  # training shapes the semantic block; the visual one is fixed
+        self.served = cfg.served_loss
+        # training shapes the semantic block; the visual one is fixed (and, with served_loss, scored too)
+        self.dim = self.served_dim(self.encoder.semantic_dim)
 
     def _images(self, images) -> torch.Tensor:  # (n, d) normalised, with grad
         raise NotImplementedError
@@ -205,10 +243,18 @@ class _DualTrainable(Trainable):
     def products(self, products):
         f = self.encoder.fusion
         texts = [product_text(p, f.with_category, f.with_attributes) or None for p in products]
-        return self._fuse(texts, [list(p.images) for p in products]), torch.zeros(())
+        groups = [list(p.images) for p in products]
+        sem = self._fuse(texts, groups)
+        return self._serve(sem, [_product_key(p) for p in products], list(range(len(products))),
+                           lambda idx: self.encoder.frame([texts[i] for i in idx], [groups[i] for i in idx], True)), \
+            torch.zeros(())
 
     def queries(self, queries):
-        return self._fuse([q.text for q in queries], [[q.image] if q.image is not None else [] for q in queries]), \
+        texts = [q.text for q in queries]
+        groups = [[q.image] if q.image is not None else [] for q in queries]
+        sem = self._fuse(texts, groups)
+        return self._serve(sem, [_query_key(q) for q in queries], list(range(len(queries))),
+                           lambda idx: self.encoder.frame([texts[i] for i in idx], [groups[i] for i in idx], False)), \
             torch.zeros(())
 
 

@@ -283,6 +283,18 @@ class MoonEncoder(Encoder):
         m, has = self.text_tower.embed_present(texts)
         return with_text_block(vecs, m, has, self.cfg.text_block, products)
 
+    def frame(self, texts: list, image_groups: list[list], block_texts: list, products: bool) -> np.ndarray:
+        """What the served vector holds around its trained part: (n, 1 + fixed dims), column 0 the factor
+        the unit pooled vector is served with, the rest the fixed blocks (visual, text) as served. The
+        blocks are concatenations, linear in the pooled vector, so served = [f0 * pooled, f[1:]]
+        (``served_loss`` training scores exactly what search scores). ``texts``: the titles (products)
+        or query texts; ``block_texts``: what the text block reads (product_text / the query text)."""
+        from moonsearch.models.towers import shared_feature_maps
+
+        one = np.ones((len(texts), 1), np.float32)
+        with shared_feature_maps():
+            return self._with_text(self._with_visual(one, texts, image_groups, products), block_texts, products)
+
     def encode_products(self, products: Sequence[Product], batch_size: int = 8) -> np.ndarray:
         from moonsearch.models.towers import shared_feature_maps
 

@@ -189,6 +189,31 @@ def test_transparent_pictures_are_read_on_white_everywhere(clip_mini, tmp_path):
     assert float(v[0] @ v[2]) < 0.99
 
 
+def test_wide_greyscale_pictures_keep_their_tones(clip_mini):
+    """16-bit greyscale PNG / TIFF (scans, print exports), 32-bit integer and 0..1 float TIFF are read with
+    their tones scaled to 8 bits; Pillow's own convert clips them, so a 16-bit grey ramp came out almost
+    white and a float one black, and encoders embedded a blank card."""
+    import io
+
+    from moonsearch.data.images import decode, to_rgb
+
+    ramp = np.linspace(0, 1, 48 * 48).reshape(48, 48)
+    want = np.rint(ramp * 255)
+    stored = [("PNG", (ramp * 65535).astype(np.uint16)), ("TIFF", (ramp * 65535).astype(np.uint16)),
+              ("TIFF", (ramp * 65535).astype(np.int32)), ("TIFF", ramp.astype(np.float32))]
+    for fmt, a in stored:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, fmt)
+        read = np.asarray(decode(buf.getvalue())).astype(int)
+        assert read.shape == (48, 48, 3), (fmt, a.dtype)
+        assert np.abs(read[..., 0] - want).max() <= 1 and (read[..., 0] == read[..., 2]).all(), (fmt, a.dtype)
+    eight = Image.fromarray(want.astype(np.uint8))
+    wide = Image.fromarray((ramp * 65535).astype(np.uint16))
+    v = clip_mini.encode_queries([Query(image=wide), Query(image=eight)])
+    assert float(v[0] @ v[1]) > 0.999  # embedded as the 8-bit picture, not as a white card
+    assert np.array_equal(np.asarray(to_rgb(Image.fromarray(want.astype(np.int32)))), np.asarray(eight.convert("RGB")))
+
+
 def test_photos_are_read_upright_by_their_exif_orientation():
     """A phone photo stored sideways with an orientation tag is read the way browsers show it."""
     import io

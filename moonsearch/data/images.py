@@ -16,6 +16,7 @@ import weakref
 from pathlib import Path
 from typing import Union
 
+import numpy as np
 from PIL import Image, ImageOps
 from moonsearch.errors import UserError
 
@@ -28,13 +29,33 @@ EXIF_ORIENTATION = 0x0112
 # how pictures are read: turned upright by their EXIF orientation (a phone photo stored sideways with
 # an orientation tag, as browsers show it), and a picture with transparency laid on white, as a shop page
 # shows it (a bare convert("RGB") shows the colour stored under transparent pixels, black in most PNG
-# exports). Part of the indexer's content keys, so vectors cached under another reading are embedded again.
-RGB_READING = "upright-rgb-on-white"
+# exports), and 16-bit / 32-bit / float greyscale (scans, TIFF and 16-bit PNG exports) scaled to 8 bits
+# (Pillow's convert clips them: a 16-bit picture turns almost white, a 0..1 float one black). Part of the
+# indexer's content keys, so vectors cached under another reading are embedded again.
+RGB_READING = "upright-rgb-on-white-wide-grey-scaled"
+
+
+def _wide_grey_to_l(img: Image.Image) -> Image.Image:
+    """A greyscale picture stored wider than 8 bits (modes I;16*, I, F) as 8-bit L, its range scaled
+    rather than clipped: 16-bit values by 1/257; 32-bit integers the same when they exceed 255 (16-bit
+    data, as older Pillows open 16-bit PNGs), else as they are; floats in [0, 1] by 255, else clipped."""
+    a = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        scale = 255.0 if a.size and np.nanmin(a) >= 0 and np.nanmax(a) <= 1 else 1.0
+    elif img.mode.startswith("I;16"):
+        scale = 1 / 257
+    else:
+        scale = 1 / 257 if a.size and a.max() > 255 else 1.0
+    a = np.nan_to_num(a * scale, nan=0.0)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """``img`` as RGB; transparent and translucent pixels (an alpha channel, a palette with alpha, or a
-    transparent colour key: Pillow's ``has_transparency_data``) laid on white."""
+    transparent colour key: Pillow's ``has_transparency_data``) laid on white; wide greyscale scaled to
+    8 bits (``_wide_grey_to_l``)."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        return _wide_grey_to_l(img).convert("RGB")
     if img.has_transparency_data:
         out = Image.new("RGBA", img.size, (255, 255, 255, 255))
         out.alpha_composite(img.convert("RGBA"))

@@ -52,14 +52,14 @@ class Trainable:
     served = False  # set by the subclass from cfg.served_loss
     _frame_cache: dict
 
-    def _serve(self, vec: torch.Tensor, keys: list, inputs: list, frames) -> torch.Tensor:
+    def _serve(self, vec: torch.Tensor, inputs: list, key, frames) -> torch.Tensor:
         """[f0 * n(vec), fixed blocks]: the served vector, with the gradient flowing through the trained
         part only. ``frames(inputs)`` -> (n, 1 + fixed) from the encoder's ``frame`` (the fixed blocks
-        are frozen, so each distinct input's frame is computed once per run)."""
+        are frozen, so each distinct input, by ``key(input)``, gets its frame once per run)."""
         if not self.served:
             return vec
         cache = self.__dict__.setdefault("_frame_cache", {})
-        rows = fill_missing(cache, keys, inputs, lambda todo: list(torch.from_numpy(frames(todo))))
+        rows = fill_missing(cache, [key(x) for x in inputs], inputs, lambda todo: list(torch.from_numpy(frames(todo))))
         f = torch.stack(rows).to(vec.device)
         return torch.cat([f[:, :1] * F.normalize(vec.float(), dim=-1), f[:, 1:]], 1)
 
@@ -84,6 +84,10 @@ def _product_key(p: Product) -> tuple:
 
     return ("product", p.title, tuple(p.category), tuple(sorted(p.attributes.items())),
             tuple(content_key(im) for im in p.images))
+
+
+def _query_images(queries) -> list[list]:
+    return [[q.image] if q.image is not None else [] for q in queries]
 
 
 def _query_key(q: Query) -> tuple:
@@ -149,14 +153,13 @@ class MoonTrainable(Trainable):
     def products(self, products):
         pooled, aux, _ = self.module(self.encoder.product_batch(products))
         n = self.encoder.cfg.max_images
-        return self._serve(pooled, [_product_key(p) for p in products], list(products), lambda ps: self.encoder.frame(
+        return self._serve(pooled, products, _product_key, lambda ps: self.encoder.frame(
             [p.title for p in ps], [list(p.images[:n]) for p in ps], [product_text(p) for p in ps], True)), aux
 
     def queries(self, queries):
         pooled, aux, _ = self.module(self.encoder.query_batch(queries))
-        return self._serve(pooled, [_query_key(q) for q in queries], list(queries), lambda qs: self.encoder.frame(
-            [q.text for q in qs], [[q.image] if q.image is not None else [] for q in qs], [q.text for q in qs],
-            False)), aux
+        return self._serve(pooled, queries, _query_key, lambda qs: self.encoder.frame(
+            [q.text for q in qs], _query_images(qs), [q.text for q in qs], False)), aux
 
     def save(self, folder, meta, state=None):
         from moonsearch.models.moon.encoder import save_pretrained
@@ -240,22 +243,19 @@ class _DualTrainable(Trainable):
         txt = self._texts([texts[i] for i in t_idx]) if t_idx else None
         return fuse(img, [len(g) for g in image_groups], txt, [bool(t) for t in texts], self.encoder.fusion)
 
-    def products(self, products):
+    def _product_texts(self, products) -> list[str | None]:
         f = self.encoder.fusion
-        texts = [product_text(p, f.with_category, f.with_attributes) or None for p in products]
-        groups = [list(p.images) for p in products]
-        sem = self._fuse(texts, groups)
-        return self._serve(sem, [_product_key(p) for p in products], list(range(len(products))),
-                           lambda idx: self.encoder.frame([texts[i] for i in idx], [groups[i] for i in idx], True)), \
-            torch.zeros(())
+        return [product_text(p, f.with_category, f.with_attributes) or None for p in products]
+
+    def products(self, products):
+        sem = self._fuse(self._product_texts(products), [list(p.images) for p in products])
+        return self._serve(sem, products, _product_key, lambda ps: self.encoder.frame(
+            self._product_texts(ps), [list(p.images) for p in ps], True)), torch.zeros(())
 
     def queries(self, queries):
-        texts = [q.text for q in queries]
-        groups = [[q.image] if q.image is not None else [] for q in queries]
-        sem = self._fuse(texts, groups)
-        return self._serve(sem, [_query_key(q) for q in queries], list(range(len(queries))),
-                           lambda idx: self.encoder.frame([texts[i] for i in idx], [groups[i] for i in idx], False)), \
-            torch.zeros(())
+        sem = self._fuse([q.text for q in queries], _query_images(queries))
+        return self._serve(sem, queries, _query_key, lambda qs: self.encoder.frame(
+            [q.text for q in qs], _query_images(qs), False)), torch.zeros(())
 
 
 class ClipMiniTrainable(_DualTrainable):

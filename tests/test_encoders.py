@@ -214,6 +214,37 @@ def test_wide_greyscale_pictures_keep_their_tones(clip_mini):
     assert np.array_equal(np.asarray(to_rgb(Image.fromarray(want.astype(np.int32)))), np.asarray(eight.convert("RGB")))
 
 
+def test_large_photos_are_read_at_most_read_max_side(clip_mini):
+    """A phone-sized photo is read at most READ_MAX_SIDE pixels on its longer side (aspect kept, EXIF turn
+    applied), from a file or handed over as a PIL picture, and embeds as the full-size photo does;
+    smaller pictures are read as stored."""
+    import io
+
+    from moonsearch.data.images import READ_MAX_SIDE, decode, to_rgb
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:1500, 0:2000]
+    a = np.stack([x / 2000 * 255, y / 1500 * 255, np.full_like(x, 90.0)], -1) + rng.normal(0, 8, (1500, 2000, 3))
+    photo = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    side = (READ_MAX_SIDE, READ_MAX_SIDE * 3 // 4)
+    for fmt in ("JPEG", "PNG"):
+        buf = io.BytesIO()
+        photo.save(buf, fmt)
+        read = decode(buf.getvalue())
+        assert read.size == side, fmt
+        assert np.abs(np.asarray(read, float).mean((0, 1)) - np.asarray(photo, float).mean((0, 1))).max() < 2
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG", exif=exif.tobytes())
+    assert decode(buf.getvalue()).size == side[::-1]
+    assert to_rgb(photo).size == side and photo.size == (2000, 1500)  # the caller's picture is left alone
+    small = photo.resize((800, 600))
+    assert to_rgb(small) is small
+    v = clip_mini.encode_queries([Query(image=photo), Query(image=read)])
+    assert float(v[0] @ v[1]) > 0.999
+
+
 def test_photos_are_read_upright_by_their_exif_orientation():
     """A phone photo stored sideways with an orientation tag is read the way browsers show it."""
     import io

@@ -31,8 +31,18 @@ EXIF_ORIENTATION = 0x0112
 # shows it (a bare convert("RGB") shows the colour stored under transparent pixels, black in most PNG
 # exports), and 16-bit / 32-bit / float greyscale (scans, TIFF and 16-bit PNG exports) scaled to 8 bits
 # (Pillow's convert clips them: a 16-bit picture turns almost white, a 0..1 float one black). Part of the
-# indexer's content keys, so vectors cached under another reading are embedded again.
+# indexer's content keys (``reading()``), so vectors cached under another reading are embedded again.
 RGB_READING = "upright-rgb-on-white-wide-grey-scaled"
+# pictures are read at most this many pixels on their longer side (0: as stored). Every model input is far
+# smaller (160 px moon-mini / clip-mini, 224 open_clip, 448 the 3B preset), and a core-product crop of a
+# third of the side still has 512 px; a 12-megapixel phone photo is decoded at reduced scale (JPEG) and
+# shrunk once here instead of by every consumer (detector, towers, crops, content hashes).
+READ_MAX_SIDE = 1536
+
+
+def reading() -> str:
+    """The name of how pictures are read now: part of the indexer's content keys."""
+    return f"{RGB_READING}-max{READ_MAX_SIDE}"
 
 
 def _wide_grey_to_l(img: Image.Image) -> Image.Image:
@@ -51,16 +61,24 @@ def _wide_grey_to_l(img: Image.Image) -> Image.Image:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """``img`` as RGB; transparent and translucent pixels (an alpha channel, a palette with alpha, or a
-    transparent colour key: Pillow's ``has_transparency_data``) laid on white; wide greyscale scaled to
-    8 bits (``_wide_grey_to_l``)."""
+    """``img`` as RGB, the way every picture is read (files, uploads, PIL pictures handed to encoders):
+    transparent and translucent pixels (an alpha channel, a palette with alpha, or a transparent colour
+    key: Pillow's ``has_transparency_data``) laid on white; wide greyscale scaled to 8 bits
+    (``_wide_grey_to_l``); at most READ_MAX_SIDE pixels on the longer side. ``img`` itself is never
+    changed."""
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        return _wide_grey_to_l(img).convert("RGB")
-    if img.has_transparency_data:
+        out = _wide_grey_to_l(img).convert("RGB")
+    elif img.has_transparency_data:
         out = Image.new("RGBA", img.size, (255, 255, 255, 255))
         out.alpha_composite(img.convert("RGBA"))
-        return out.convert("RGB")
-    return img if img.mode == "RGB" else img.convert("RGB")
+        out = out.convert("RGB")
+    else:
+        out = img if img.mode == "RGB" else img.convert("RGB")
+    w, h = out.size
+    if READ_MAX_SIDE and max(w, h) > READ_MAX_SIDE:
+        s = READ_MAX_SIDE / max(w, h)
+        out = out.resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS, reducing_gap=3.0)
+    return out
 
 
 class ImageError(UserError):
@@ -108,8 +126,8 @@ def read_bytes(ref: ImageRef, base_dir: Path | None = None, timeout: float = 10.
 
 
 def decode(data: bytes, what: str = "image") -> Image.Image:
-    """Fully decode ``data`` to an upright RGB image (see RGB_READING), rejecting corrupt, truncated and
-    bomb images."""
+    """Fully decode ``data`` to an upright RGB image (see RGB_READING) at most READ_MAX_SIDE pixels on its
+    longer side, rejecting corrupt, truncated and bomb images."""
     if not data:
         raise ImageError(f"{what}: empty file")
     try:
@@ -119,6 +137,10 @@ def decode(data: bytes, what: str = "image") -> Image.Image:
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise ImageError(f"{what}: decompression bomb ({w}x{h} pixels > {MAX_PIXELS})")
+            cap = READ_MAX_SIDE
+            if cap and max(w, h) > cap:  # JPEG decodes at 1/2, 1/4 or 1/8 scale, still at least this size
+                s = cap / max(w, h)
+                img.draft(None, (max(1, round(w * s)), max(1, round(h * s))))
             img.load()
             if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
                 img = ImageOps.exif_transpose(img)

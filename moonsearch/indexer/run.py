@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from moonsearch.data.catalog import CatalogRecord, Problem, iter_catalog, write_rejects
-from moonsearch.data.images import RGB_READING, fingerprint, load_images, resolve_path
+from moonsearch.data.images import fingerprint, load_images, reading, resolve_path
 from moonsearch.index.category import CategoryIndex
 from moonsearch.index.faiss_backend import IndexParams, auto_rerank
 from moonsearch.index.index_set import IndexSet, category_key, new_manifest, slugify
@@ -66,7 +66,7 @@ class IndexReport:
 
 
 def content_key(rec: CatalogRecord, base: Path, max_images: int) -> str:
-    blob = json.dumps([RGB_READING, rec.title, rec.category, sorted(rec.attributes.items()),
+    blob = json.dumps([reading(), rec.title, rec.category, sorted(rec.attributes.items()),
                        [fingerprint(r, base) for r in rec.images[:max_images]]], ensure_ascii=False)
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()
 

@@ -245,6 +245,34 @@ def test_large_photos_are_read_at_most_read_max_side(clip_mini):
     assert float(v[0] @ v[1]) > 0.999
 
 
+def test_heic_photos_are_read_like_jpegs():
+    """An iPhone's default format (HEIC) decodes, upright by its EXIF orientation; a broken one is a clear
+    per-image error, not a crash."""
+    import io
+
+    import pillow_heif
+
+    from moonsearch.data.images import ImageError, decode
+
+    a = np.full((40, 60, 3), 255, np.uint8)
+    a[:, :10] = (200, 0, 0)  # a red band along the left edge
+    stored = Image.fromarray(a)
+    buf = io.BytesIO()
+    pillow_heif.from_pillow(stored).save(buf, quality=95)
+    assert buf.getvalue()[4:12] == b"ftypheic"
+    read = np.asarray(decode(buf.getvalue(), "photo.heic"))
+    assert read.shape[:2] == (40, 60) and read[:, :10, 0].mean() > 150 and read[:, :10, 1].mean() < 60
+    exif = stored.getexif()
+    exif[0x0112] = 6  # a camera's "rotate 90 degrees clockwise to view": pillow-heif stores it as the
+    buf = io.BytesIO()  # HEIF rotation, as phones do, and reading must apply it exactly once
+    pillow_heif.register_heif_opener()
+    stored.save(buf, "HEIF", exif=exif.tobytes(), quality=95)
+    shown = np.asarray(decode(buf.getvalue()))
+    assert shown.shape[:2] == (60, 40) and shown[:10, :, 0].mean() > 150 and shown[:10, :, 1].mean() < 60
+    with pytest.raises(ImageError, match="photo.heic"):
+        decode(buf.getvalue()[:80], "photo.heic")
+
+
 def test_photos_are_read_upright_by_their_exif_orientation():
     """A phone photo stored sideways with an orientation tag is read the way browsers show it."""
     import io

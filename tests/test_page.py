@@ -102,6 +102,25 @@ def test_photo_upload(browser, url, catalog):
     page.wait_for_function("() => [...document.querySelectorAll('.card img')].slice(0, 5).every(i => i.complete && i.naturalWidth > 0)",
                            timeout=10000)
     shot(page, "page-photo-query")
+    # an iPhone's HEIC photo, whose type the browser leaves blank: the page sends it, the server reads it
+    import base64
+    import io
+
+    import pillow_heif
+    from PIL import Image
+
+    heic = io.BytesIO()
+    pillow_heif.from_pillow(Image.open(photo).convert("RGB")).save(heic, quality=90)
+    page.evaluate("() => { document.querySelector('#grid').innerHTML = ''; }")
+    drop = """b64 => { const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const dt = new DataTransfer(); dt.items.add(new File([bytes], "phone.HEIC", { type: "" }));
+        document.dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true })); }"""
+    with page.expect_response(lambda r: r.url.endswith("/search/image")) as resp:  # dropped, as from a desktop
+        page.evaluate(drop, base64.b64encode(heic.getvalue()).decode())
+    assert resp.value.status == 200, resp.value.text()
+    page.wait_for_selector(".card")
+    wait_results(page)
+    assert "your photo" in page.text_content("#status") and "not an image" not in page.text_content("#status")
     page.close()
 
 

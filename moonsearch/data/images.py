@@ -125,6 +125,26 @@ def read_bytes(ref: ImageRef, base_dir: Path | None = None, timeout: float = 10.
         raise ImageError(f"unreadable image file {path}: {e.strerror or e}") from None
 
 
+# major brands of the ISO base media "ftyp" box that mark a HEIF picture (HEIC: HEVC-coded, iPhones' default)
+HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
+
+
+def _open(data: bytes) -> Image.Image:
+    """Image.open, plus HEIF: pillow-heif's opener is registered the first time such a file is met (its
+    import costs more than the check), so an iPhone's HEIC photo reads like a JPEG."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:
+        if data[4:8] != b"ftyp" or data[8:12] not in HEIF_BRANDS:
+            raise
+    try:
+        import pillow_heif
+    except ImportError:
+        raise ImageError("HEIC / HEIF photo: install pillow-heif to read it (pip install pillow-heif)") from None
+    pillow_heif.register_heif_opener()
+    return Image.open(io.BytesIO(data))
+
+
 def decode(data: bytes, what: str = "image") -> Image.Image:
     """Fully decode ``data`` to an upright RGB image (see RGB_READING) at most READ_MAX_SIDE pixels on its
     longer side, rejecting corrupt, truncated and bomb images."""
@@ -133,7 +153,7 @@ def decode(data: bytes, what: str = "image") -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = _open(data)
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise ImageError(f"{what}: decompression bomb ({w}x{h} pixels > {MAX_PIXELS})")

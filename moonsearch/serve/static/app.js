@@ -206,7 +206,10 @@ function showPhoto(file) {
 
 function usePhoto(file) {
   if (!file) return;
-  if (!file.type.startsWith("image/")) { setStatus("That file is not an image: " + file.name, true); return; }
+  // browsers leave the type of an iPhone's HEIC photo (and of AVIF on some systems) blank: the server reads them
+  if (!file.type.startsWith("image/") && !/\.(heic|heif|avif)$/i.test(file.name)) {
+    setStatus("That file is not an image: " + file.name, true); return;
+  }
   state.like = null;
   showPhoto(file);
   state.q = $("q").value.trim();

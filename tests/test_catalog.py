@@ -192,3 +192,50 @@ def test_cache_folders_are_built_whole_or_not_at_all(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         build_folder_once(tmp_path / "new", "weights", broken)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["half"]  # no folder, no temporary left
+
+
+def test_every_picture_kind_a_shop_uploads_is_indexed_and_found_by_its_own_photo(tmp_path, clip_mini):
+    """One catalog with the picture kinds shops upload: a camera JPEG, a 12-megapixel-class JPEG, a CMYK
+    print JPEG, a 16-bit greyscale scan, a transparent cut-out, a palette PNG, an iPhone HEIC stored
+    sideways, WebP, AVIF and an animated GIF. Every picture is embedded (nothing reported), and each
+    product comes first when searched by its own file, read through the query path."""
+    import numpy as np
+    import pillow_heif
+    from skimage import data as skd
+
+    from moonsearch.data.images import load_image
+    from moonsearch.indexer.run import IndexJob, run_index
+    from moonsearch.search.service import SearchService
+
+    pillow_heif.register_heif_opener()  # to write the HEIC file; reading registers it by itself
+    img = tmp_path / "img"
+    img.mkdir()
+    coffee, cat, astro = (Image.fromarray(f()) for f in (skd.coffee, skd.chelsea, skd.astronaut))
+    cut = Image.new("RGBA", (200, 200), (0, 0, 0, 0))
+    cut.paste(astro.resize((120, 120)), (40, 40))
+    exif = Image.new("RGB", (1, 1)).getexif()
+    exif[0x0112] = 6
+    kinds = {
+        "camera.jpg": lambda p: coffee.save(p, quality=90),
+        "big.jpg": lambda p: cat.resize((2400, 1800)).save(p, quality=90),
+        "print-cmyk.jpg": lambda p: astro.convert("CMYK").save(p, quality=90),
+        "scan16.png": lambda p: Image.fromarray(np.asarray(Image.fromarray(skd.camera()), np.uint16) * 257).save(p),
+        "cutout.png": lambda p: cut.save(p),
+        "palette.png": lambda p: coffee.resize((160, 100)).quantize(64).save(p),
+        "phone.heic": lambda p: Image.fromarray(skd.rocket()).save(p, "HEIF", exif=exif.tobytes(), quality=90),
+        "photo.webp": lambda p: Image.fromarray(skd.rocket()).resize((300, 200)).rotate(180).save(p, quality=90),
+        "photo.avif": lambda p: cat.rotate(90, expand=True).save(p, quality=80),
+        "anim.gif": lambda p: cat.resize((160, 120)).save(p, save_all=True, append_images=[coffee.resize((160, 120))]),
+    }
+    for name, write in kinds.items():
+        write(img / name)
+    names = list(kinds)
+    pq.write_table(pa.table({"item_id": [f"K{i}" for i in range(len(names))], "title": [f"item {i}" for i in range(len(names))],
+                             "category": [["shop", "things"]] * len(names), "images": [[f"img/{n}"] for n in names]}),
+                   tmp_path / "catalog.parquet")
+    rep = run_index(IndexJob(tmp_path / "catalog.parquet", tmp_path / "idx", model="clip-mini"), encoder=clip_mini)
+    assert rep.indexed == len(names) and not rep.problems, [p.reason for p in rep.problems]
+    svc = SearchService(tmp_path / "idx")
+    for i, name in enumerate(names):
+        hits = svc.search_image(load_image(f"img/{name}", tmp_path), k=3)
+        assert hits[0].item_id == f"K{i}", (name, [h.item_id for h in hits])

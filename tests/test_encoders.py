@@ -273,6 +273,80 @@ def test_heic_photos_are_read_like_jpegs():
         decode(buf.getvalue()[:80], "photo.heic")
 
 
+def _rgb_icc_profile(name: str, red, green, blue, gamma: float) -> bytes:
+    """A minimal ICC v2 RGB matrix / TRC display profile (D50-adapted colorants, one gamma), built by
+    hand: no profile files ship with the machine or the packages."""
+    import struct
+
+    def s15(x):
+        return struct.pack(">i", round(x * 65536))
+
+    def xyz(v):
+        return b"XYZ " + bytes(4) + b"".join(s15(c) for c in v)
+
+    def pad(b):
+        return b + bytes(-len(b) % 4)
+
+    text = name.encode() + b"\0"
+    tags = [(b"desc", pad(b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(4 + 4 + 2 + 1 + 67))),
+            (b"cprt", pad(b"text" + bytes(4) + b"public domain\0")), (b"wtpt", xyz((0.9642, 1.0, 0.8249))),
+            (b"rXYZ", xyz(red)), (b"gXYZ", xyz(green)), (b"bXYZ", xyz(blue))]
+    tags += [(t, b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256)) + bytes(2))
+             for t in (b"rTRC", b"gTRC", b"bTRC")]
+    start, table, body = 128 + 4 + 12 * len(tags), b"", b""
+    for sig, data in tags:
+        table += sig + struct.pack(">II", start + len(body), len(data))
+        body += data
+    header = (struct.pack(">I", start + len(body)) + b"lcms" + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ "
+              + bytes(12) + b"acsp" + bytes(16 + 8 + 4) + s15(0.9642) + s15(1.0) + s15(0.8249)
+              + bytes(4 + 16 + 28))
+    assert len(header) == 128
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+def test_pictures_with_a_colour_profile_are_read_in_srgb(clip_mini):
+    """A photo saved in a wide-gamut profile (Adobe RGB here; an iPhone's Display P3 alike) holds numbers
+    that mean more saturated colours than the same numbers in sRGB; it is read converted, as browsers
+    show it. sRGB-tagged and untagged pictures are read as stored; an unusable profile is ignored."""
+    import io
+
+    from moonsearch.data.images import decode, to_rgb
+    from PIL import ImageCms
+
+    adobe = _rgb_icc_profile("Adobe RGB (1998)-like", (0.6097, 0.3111, 0.0195), (0.2053, 0.6257, 0.0609),
+                             (0.1492, 0.0632, 0.7446), 2.2)
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    a = np.zeros((32, 48, 3), np.uint8)
+    a[:, :16], a[:, 16:32], a[:, 32:] = (200, 30, 30), (128, 128, 128), (30, 160, 60)
+    stored = Image.fromarray(a)
+
+    def read(icc, fmt="JPEG"):
+        buf = io.BytesIO()
+        stored.save(buf, fmt, **({"icc_profile": icc} if icc else {}), **({"quality": 100} if fmt == "JPEG" else {}))
+        return np.asarray(decode(buf.getvalue())).astype(int)
+
+    plain, tagged = read(None, "PNG"), read(adobe, "PNG")
+    assert np.array_equal(read(srgb, "PNG"), plain) and np.array_equal(read(b"not a profile", "PNG"), plain)
+    red, grey, green = tagged[16, 8], tagged[16, 24], tagged[16, 40]
+    assert red[0] - red[1] > 200 - 30 + 20 and green[1] - green[0] > 160 - 30 + 20  # more saturated in sRGB
+    assert np.abs(grey - 128).max() <= 2  # a neutral stays neutral
+    inner = np.r_[4:12, 20:28, 36:44]  # from a JPEG too (away from the stripes' edges, which JPEG blurs)
+    assert np.abs(read(adobe)[:, inner] - tagged[:, inner]).max() <= 6
+    held = Image.open(io.BytesIO(_saved(stored, adobe)))
+    assert np.array_equal(np.asarray(to_rgb(held)), tagged.astype(np.uint8))  # a PIL picture handed over alike
+    assert "icc_profile" in held.info  # and left as it was
+    v = clip_mini.encode_queries([Query(image=held), Query(image=Image.fromarray(tagged.astype(np.uint8)))])
+    np.testing.assert_allclose(v[0], v[1], atol=1e-6)
+
+
+def _saved(img, icc) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, "PNG", icc_profile=icc)
+    return buf.getvalue()
+
+
 def test_photos_are_read_upright_by_their_exif_orientation():
     """A phone photo stored sideways with an orientation tag is read the way browsers show it."""
     import io

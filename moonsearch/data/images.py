@@ -30,9 +30,11 @@ EXIF_ORIENTATION = 0x0112
 # an orientation tag, as browsers show it), and a picture with transparency laid on white, as a shop page
 # shows it (a bare convert("RGB") shows the colour stored under transparent pixels, black in most PNG
 # exports), and 16-bit / 32-bit / float greyscale (scans, TIFF and 16-bit PNG exports) scaled to 8 bits
-# (Pillow's convert clips them: a 16-bit picture turns almost white, a 0..1 float one black). Part of the
-# indexer's content keys (``reading()``), so vectors cached under another reading are embedded again.
-RGB_READING = "upright-rgb-on-white-wide-grey-scaled"
+# (Pillow's convert clips them: a 16-bit picture turns almost white, a 0..1 float one black), and colours
+# in sRGB: a picture with an embedded colour profile (an iPhone's Display P3, Adobe RGB, a print CMYK
+# profile) converted from it, as browsers do. Part of the indexer's content keys (``reading()``), so
+# vectors cached under another reading are embedded again.
+RGB_READING = "upright-srgb-on-white-wide-grey-scaled"
 # pictures are read at most this many pixels on their longer side (0: as stored). Every model input is far
 # smaller (160 px moon-mini / clip-mini, 224 open_clip, 448 the 3B preset), and a core-product crop of a
 # third of the side still has 512 px; a 12-megapixel phone photo is decoded at reduced scale (JPEG) and
@@ -60,12 +62,39 @@ def _wide_grey_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
 
 
+_SRGB = None
+
+
+def _in_srgb(img: Image.Image) -> Image.Image:
+    """``img`` converted from its embedded ICC colour profile to sRGB (RGB, RGBA and CMYK pictures); as
+    it is when it has none, when the profile is sRGB already (most photos: nothing to do), or when the
+    profile cannot be used (the numbers are then read as sRGB, as a browser that cannot parse it does)."""
+    global _SRGB
+    icc = img.info.get("icc_profile")
+    if not icc or img.mode not in ("RGB", "RGBA", "CMYK"):
+        return img
+    from PIL import ImageCms
+
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if "srgb" in ImageCms.getProfileDescription(src).lower():
+            return img
+        if _SRGB is None:
+            _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+        out = ImageCms.profileToProfile(img, src, _SRGB, outputMode="RGBA" if img.mode == "RGBA" else "RGB")
+    except (OSError, ValueError, ImageCms.PyCMSError):
+        return img
+    out.info.pop("icc_profile", None)  # converted: never again
+    return out
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """``img`` as RGB, the way every picture is read (files, uploads, PIL pictures handed to encoders):
-    transparent and translucent pixels (an alpha channel, a palette with alpha, or a transparent colour
-    key: Pillow's ``has_transparency_data``) laid on white; wide greyscale scaled to 8 bits
-    (``_wide_grey_to_l``); at most READ_MAX_SIDE pixels on the longer side. ``img`` itself is never
-    changed."""
+    in sRGB (``_in_srgb``); transparent and translucent pixels (an alpha channel, a palette with alpha,
+    or a transparent colour key: Pillow's ``has_transparency_data``) laid on white; wide greyscale
+    scaled to 8 bits (``_wide_grey_to_l``); at most READ_MAX_SIDE pixels on the longer side. ``img``
+    itself is never changed."""
+    img = _in_srgb(img)
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         out = _wide_grey_to_l(img).convert("RGB")
     elif img.has_transparency_data:

@@ -158,7 +158,7 @@ def read_bytes(ref: ImageRef, base_dir: Path | None = None, timeout: float = 10.
 HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
 
 
-def _open(data: bytes) -> Image.Image:
+def _open(data: bytes, what: str) -> Image.Image:
     """Image.open, plus HEIF: pillow-heif's opener is registered the first time such a file is met (its
     import costs more than the check), so an iPhone's HEIC photo reads like a JPEG."""
     try:
@@ -169,7 +169,8 @@ def _open(data: bytes) -> Image.Image:
     try:
         import pillow_heif
     except ImportError:
-        raise ImageError("HEIC / HEIF photo: install pillow-heif to read it (pip install pillow-heif)") from None
+        raise ImageError(f"{what}: a HEIC / HEIF photo; install pillow-heif to read it (pip install pillow-heif)") \
+            from None
     pillow_heif.register_heif_opener()
     return Image.open(io.BytesIO(data))
 
@@ -182,7 +183,7 @@ def decode(data: bytes, what: str = "image") -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = _open(data)
+            img = _open(data, what)
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise ImageError(f"{what}: decompression bomb ({w}x{h} pixels > {MAX_PIXELS})")

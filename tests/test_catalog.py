@@ -197,8 +197,8 @@ def test_cache_folders_are_built_whole_or_not_at_all(tmp_path):
 def test_every_picture_kind_a_shop_uploads_is_indexed_and_found_by_its_own_photo(tmp_path, clip_mini):
     """One catalog with the picture kinds shops upload: a camera JPEG, a 12-megapixel-class JPEG, a CMYK
     print JPEG, a 16-bit greyscale scan, a transparent cut-out, a palette PNG, an iPhone HEIC stored
-    sideways, WebP, AVIF and an animated GIF. Every picture is embedded (nothing reported), and each
-    product comes first when searched by its own file, read through the query path."""
+    sideways, WebP, AVIF, an animated GIF and an SVG drawing. Every picture is embedded (nothing
+    reported), and each product comes first when searched by its own file, read through the query path."""
     import numpy as np
     import pillow_heif
     from skimage import data as skd
@@ -226,6 +226,8 @@ def test_every_picture_kind_a_shop_uploads_is_indexed_and_found_by_its_own_photo
         "photo.webp": lambda p: Image.fromarray(skd.rocket()).resize((300, 200)).rotate(180).save(p, quality=90),
         "photo.avif": lambda p: cat.rotate(90, expand=True).save(p, quality=80),
         "anim.gif": lambda p: cat.resize((160, 120)).save(p, save_all=True, append_images=[coffee.resize((160, 120))]),
+        "drawing.svg": lambda p: p.write_text('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 40 30">'
+                                              '<circle cx="20" cy="15" r="12" fill="#1e64c8"/></svg>'),
     }
     for name, write in kinds.items():
         write(img / name)

@@ -347,6 +347,52 @@ def _saved(img, icc) -> bytes:
     return buf.getvalue()
 
 
+def test_svg_pictures_are_drawn_on_white_and_fetch_nothing(tmp_path):
+    """An SVG product drawing is drawn SVG_SIDE square, centred, on white; one that refers to a file or a
+    URL, or declares an XML entity, is a clear per-picture error, and nothing is read from disk or
+    network."""
+    import http.server
+    import threading
+
+    from moonsearch.data.images import SVG_SIDE, ImageError, decode
+
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 100 50"><rect x="25" y="10" width="50" ' \
+          b'height="30" fill="#c81e1e"/></svg>'
+    read = np.asarray(decode(b"\n  " + svg, "drawing.svg"))
+    c = SVG_SIDE // 2
+    assert read.shape == (SVG_SIDE, SVG_SIDE, 3) and tuple(read[c, c]) == (200, 30, 30)
+    assert (read[5, 5] == 255).all() and (read[c, 5] == 255).all()  # letterboxed on white, not black
+    asked = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "secret.png")
+    try:
+        for ref in (f"http://127.0.0.1:{srv.server_address[1]}/x.png", (tmp_path / "secret.png").as_uri()):
+            bad = (f'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 8 8">'
+                   f'<image href="{ref}" width="8" height="8"/></svg>').encode()
+            with pytest.raises(ImageError, match="drawing.svg: the SVG refers to .*not fetched"):
+                decode(bad, "drawing.svg")
+        xxe = (b'<?xml version="1.0"?><!DOCTYPE svg [<!ENTITY x SYSTEM "file:///etc/hostname">]>'
+               b'<svg xmlns="http://www.w3.org/2000/svg"><text y="9">&x;</text></svg>')
+        with pytest.raises(ImageError, match="drawing.svg: corrupt SVG"):
+            decode(xxe, "drawing.svg")
+    finally:
+        srv.shutdown()
+    assert asked == []
+    with pytest.raises(ImageError, match="drawing.svg: corrupt SVG"):
+        decode(svg[:60], "drawing.svg")
+
+
 def test_photos_are_read_upright_by_their_exif_orientation():
     """A phone photo stored sideways with an orientation tag is read the way browsers show it."""
     import io

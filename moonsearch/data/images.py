@@ -158,12 +158,43 @@ def read_bytes(ref: ImageRef, base_dir: Path | None = None, timeout: float = 10.
 HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
 
 
+# an SVG has no pixels: it is drawn SVG_SIDE x SVG_SIDE (its drawing centred, aspect kept, on white), as
+# the real-artwork check draws its vendors' SVGs for the towers
+SVG_SIDE = 512
+
+
+def _is_svg(data: bytes) -> bool:
+    head = data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return head.startswith(b"<svg") or (head.startswith((b"<?xml", b"<!--", b"<!doctype")) and b"<svg" in head)
+
+
+def _render_svg(data: bytes, what: str) -> Image.Image:
+    """An SVG drawn by cairosvg with nothing fetched: no files, URLs or XML entities (a catalog's SVG
+    must not make the indexer read the disk or the network)."""
+    from cairosvg.surface import PNGSurface
+
+    def refuse(url, resource_type):
+        raise ImageError(f"{what}: the SVG refers to {url}; external resources are not fetched")
+
+    try:  # svg2png's own signature has no url_fetcher; the surface passes it on to the parser
+        png = PNGSurface.convert(bytestring=data, unsafe=False, url_fetcher=refuse, output_width=SVG_SIDE,
+                                 output_height=SVG_SIDE)
+    except ImageError:
+        raise
+    except Exception as e:  # cairosvg raises assorted errors on broken or hostile files
+        raise ImageError(f"{what}: corrupt SVG ({type(e).__name__}: {e})") from None
+    return Image.open(io.BytesIO(png))
+
+
 def _open(data: bytes, what: str) -> Image.Image:
-    """Image.open, plus HEIF: pillow-heif's opener is registered the first time such a file is met (its
-    import costs more than the check), so an iPhone's HEIC photo reads like a JPEG."""
+    """Image.open, plus SVG (drawn, ``_render_svg``) and HEIF: pillow-heif's opener is registered the
+    first time such a file is met (its import costs more than the check), so an iPhone's HEIC photo
+    reads like a JPEG."""
     try:
         return Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError:
+        if _is_svg(data):
+            return _render_svg(data, what)
         if data[4:8] != b"ftyp" or data[8:12] not in HEIF_BRANDS:
             raise
     try:

@@ -193,6 +193,9 @@ def index(
                          else ""))
     console.print(f"indexed {rep.indexed} items into {rep.categories} categories at {out} "
                   f"(embedded {rep.embedded}, reused {rep.cached}; {rep.seconds['total']:.1f}s)")
+    if rep.retried:
+        console.print(f"{rep.retried} items embedded again: a picture of theirs had failed for a temporary "
+                      "reason on an earlier run")
     if rep.problems:
         console.print(f"{len(rep.problems)} problems (rows or images skipped) listed in {rep.rejects_path}")
 

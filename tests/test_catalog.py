@@ -241,3 +241,72 @@ def test_every_picture_kind_a_shop_uploads_is_indexed_and_found_by_its_own_photo
     for i, name in enumerate(names):
         hits = svc.search_image(load_image(f"img/{name}", tmp_path), k=3)
         assert hits[0].item_id == f"K{i}", (name, [h.item_id for h in hits])
+
+
+def test_pictures_that_failed_for_a_passing_reason_are_fetched_again(tmp_path, clip_tiny):
+    """A CDN that answers 503 is tried 3 times; if it keeps failing, the item is indexed without that
+    picture, the problem says it is temporary, and the next run embeds the item again (and then forgets
+    the problem). A 404 is final: not tried again, still reported."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from moonsearch.data.images import TRANSIENT
+    from moonsearch.indexer.run import IndexJob, run_index
+    from moonsearch.search.service import SearchService
+
+    body, state = _jpeg((20, 160, 40)), {"fail": 0, "asked": 0}
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            state["asked"] += 1
+            if self.path == "/gone.jpg" or state["fail"] > 0:
+                state["fail"] -= self.path != "/gone.jpg"
+                self.send_response(404 if self.path == "/gone.jpg" else 503)
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    (tmp_path / "local.jpg").write_bytes(_jpeg())
+    pq.write_table(pa.table({"item_id": ["A", "B", "C"], "title": ["green cup", "red cup", "blue cup"],
+                             "category": [["home", "cups"]] * 3,
+                             "images": [["local.jpg", f"{url}/cdn.jpg"], ["local.jpg"], ["local.jpg", f"{url}/gone.jpg"]]}),
+                   tmp_path / "catalog.parquet")
+    job = IndexJob(tmp_path / "catalog.parquet", tmp_path / "idx", model="clip-tiny", timeout=5)
+    try:
+        state["fail"] = 2  # two 503s, then the picture: the third try of the same run gets it
+        rep = run_index(job, encoder=clip_tiny)
+        assert [p.reason for p in rep.problems if p.item_id == "A"] == [] and state["asked"] == 4
+        assert [p.item_id for p in rep.problems] == ["C"] and TRANSIENT not in rep.problems[0].reason
+        whole = SearchService(tmp_path / "idx").product_vector("A")
+        shutil.rmtree(tmp_path / "idx")
+        state["fail"] = 3  # down for the whole run
+        rep = run_index(job, encoder=clip_tiny)
+        flaky = [p for p in rep.problems if p.item_id == "A"]
+        assert len(flaky) == 1 and "HTTP 503" in flaky[0].reason and flaky[0].reason.endswith(f"({TRANSIENT})")
+        assert rep.indexed == 3 and rep.retried == 0
+        rejects = [json.loads(x) for x in (tmp_path / "idx" / "rejects.jsonl").read_text().splitlines()]
+        assert any(r["item_id"] == "A" and "temporary" in r["reason"] for r in rejects)
+        without = SearchService(tmp_path / "idx").product_vector("A")
+        assert not np.allclose(without, whole, atol=1e-3)
+
+        rep = run_index(job, encoder=clip_tiny)  # the CDN is back: A is embedded again, with its picture
+        assert rep.retried == 1 and rep.embedded == 1 and rep.cached == 2
+        assert [p.item_id for p in rep.problems] == ["C"]  # the 404 stays, reported, not retried
+        np.testing.assert_allclose(SearchService(tmp_path / "idx").product_vector("A"), whole, atol=1e-3)
+        asked = state["asked"]
+        rep = run_index(job, encoder=clip_tiny)  # and then it is an ordinary cached item
+        assert rep.retried == 0 and rep.embedded == 0 and rep.cached == 3 and state["asked"] == asked
+        assert [p.item_id for p in rep.problems] == ["C"]
+    finally:
+        srv.shutdown()

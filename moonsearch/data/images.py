@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -128,21 +129,46 @@ def resolve_path(ref: str, base_dir: Path | None) -> Path | None:
     return p if p.is_absolute() or base_dir is None else base_dir / p
 
 
+# failures a server or network recovers from: the answer says so, and the indexer embeds the item again on
+# its next run (a product is never left without a photo because a CDN hiccuped once)
+TRANSIENT = "temporary: the next index run tries again"
+RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+RETRY_WAITS = (0.2, 0.6)  # seconds before the 2nd and 3rd try of a quick failure (status above, reset, refused)
+
+
+def is_transient(reason: str) -> bool:
+    """Whether a problem's reason (an ImageError's message) is one that can pass by itself."""
+    return reason.endswith(f"({TRANSIENT})")
+
+
+def _fetch(ref: str, timeout: float, max_bytes: int) -> bytes:
+    """GET ``ref``; a retryable status, a refused or reset connection is tried up to 3 times. A timeout is
+    not tried again here (each costs ``timeout``), only flagged temporary."""
+    waits = list(RETRY_WAITS)
+    while True:
+        try:
+            req = urllib.request.Request(ref, headers={"User-Agent": "moonsearch"})
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.read(max_bytes + 1)
+        except urllib.error.HTTPError as e:
+            if e.code not in RETRY_STATUS:
+                raise ImageError(f"unreachable URL {ref}: HTTP {e.code}") from None
+            why, quick = f"HTTP {e.code}", True
+        except (urllib.error.URLError, TimeoutError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            why, quick = str(reason), isinstance(reason, ConnectionError)
+        if not (quick and waits):
+            raise ImageError(f"unreachable URL {ref}: {why} ({TRANSIENT})")
+        time.sleep(waits.pop(0))
+
+
 def read_bytes(ref: ImageRef, base_dir: Path | None = None, timeout: float = 10.0,
                max_bytes: int = MAX_DOWNLOAD_BYTES) -> bytes:
     if isinstance(ref, (bytes, bytearray)):
         return bytes(ref)
     path = resolve_path(ref, base_dir)
     if path is None:
-        try:
-            req = urllib.request.Request(ref, headers={"User-Agent": "moonsearch"})
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                data = resp.read(max_bytes + 1)
-        except urllib.error.HTTPError as e:
-            raise ImageError(f"unreachable URL {ref}: HTTP {e.code}") from None
-        except (urllib.error.URLError, TimeoutError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise ImageError(f"unreachable URL {ref}: {reason}") from None
+        data = _fetch(ref, timeout, max_bytes)
         if len(data) > max_bytes:
             raise ImageError(f"URL {ref} is larger than {max_bytes} bytes")
         return data

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from moonsearch.data.catalog import CatalogRecord, Problem, iter_catalog, write_rejects
-from moonsearch.data.images import fingerprint, load_images, reading, resolve_path
+from moonsearch.data.images import fingerprint, is_transient, load_images, reading, resolve_path
 from moonsearch.index.category import CategoryIndex
 from moonsearch.index.faiss_backend import IndexParams, auto_rerank
 from moonsearch.index.index_set import IndexSet, category_key, new_manifest, slugify
@@ -58,6 +58,7 @@ class IndexReport:
     indexed: int = 0
     embedded: int = 0
     cached: int = 0
+    retried: int = 0  # embedded again: a picture had failed for a passing reason (is_transient)
     categories: int = 0
     problems: list[Problem] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -181,10 +182,14 @@ def run_index(job: IndexJob, encoder: Encoder | None = None,
         encoder.use_crop_cache(out / "crops" / f"{encoder.cfg.cropper}.jsonl")
     known_problems = _read_known_problems(cache.folder)
     keys = [content_key(r, base, job.max_images) for r in records]
-    todo = [(r, k) for r, k in zip(records, keys) if k not in cache]
+    # an item embedded without a picture that failed for a passing reason (a 503, a timeout) is embedded again
+    retry = {k for k, found in known_problems.items() if any(is_transient(reason) for _, reason in found)}
+    todo = [(r, k) for r, k in zip(records, keys) if k not in cache or k in retry]
     report.cached = len(records) - len(todo)
-    for r, k in zip(records, keys):  # re-report image problems found when the item was embedded
-        if k in cache:
+    report.retried = sum(1 for _, k in todo if k in retry and k in cache)
+    again = {k for _, k in todo}
+    for r, k in zip(records, keys):  # re-report image problems found when a reused item was embedded
+        if k not in again:
             report.problems.extend(Problem(r.row, r.item_id, f, reason, "image skipped")
                                    for f, reason in known_problems.get(k, []))
     report.seconds["read"] = time.time() - t0
@@ -198,9 +203,10 @@ def run_index(job: IndexJob, encoder: Encoder | None = None,
     if job.ray and todo:
         plan = distributed.embed(todo, base, name, job, cache.put, report.problems, tick)
         cache.flush()
-        if plan["image_problems"]:
-            append_jsonl([{"key": k, "field": f, "reason": r} for k, f, r in plan.pop("image_problems")],
-                         cache.folder / "problems.jsonl")
+        lines = _reset_lines([k for _, k in todo if k in retry]) + \
+            [{"key": k, "field": f, "reason": r} for k, f, r in plan.pop("image_problems")]
+        if lines:
+            append_jsonl(lines, cache.folder / "problems.jsonl")
         report.ray.update(plan)
         report.embedded += sum(1 for _, k in todo if k in cache)
         todo = []  # nothing left for the local loop
@@ -220,8 +226,11 @@ def run_index(job: IndexJob, encoder: Encoder | None = None,
                 pkeys.append(key)
             if products:
                 cache.put(pkeys, encoder.encode_products(products, batch_size=job.batch_size))
-            if new_problems:
-                append_jsonl([{"key": k, "field": f, "reason": r} for k, f, r in new_problems],
+            redone = [k for k in pkeys if k in retry]
+            if redone:  # the new vectors are on disk before their old problems are cleared
+                cache.flush()
+            if new_problems or redone:
+                append_jsonl(_reset_lines(redone) + [{"key": k, "field": f, "reason": r} for k, f, r in new_problems],
                              cache.folder / "problems.jsonl")
             report.embedded += len(products)
             since_flush += len(recs)
@@ -293,7 +302,13 @@ def run_index(job: IndexJob, encoder: Encoder | None = None,
     return report
 
 
+def _reset_lines(keys: list[str]) -> list[dict]:
+    """problems.jsonl lines that clear what earlier embeds of ``keys`` found (they were embedded again)."""
+    return [{"key": k, "reset": True} for k in keys]
+
+
 def _read_known_problems(folder: Path) -> dict[str, list[tuple[str, str]]]:
+    """content key -> (field, reason) of the image problems found when the item was last embedded."""
     out: dict[str, list[tuple[str, str]]] = {}
     path = folder / "problems.jsonl"
     if path.exists():
@@ -302,6 +317,9 @@ def _read_known_problems(folder: Path) -> dict[str, list[tuple[str, str]]]:
                 d = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a torn last line after a crash
+            if d.get("reset"):
+                out[d["key"]] = []
+                continue
             out.setdefault(d["key"], [])
             if (d["field"], d["reason"]) not in out[d["key"]]:
                 out[d["key"]].append((d["field"], d["reason"]))

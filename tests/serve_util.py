@@ -68,3 +68,31 @@ def hammering(url: str, body: dict, clients: int = 4):
         stop.set()
         for t in threads:
             t.join()
+
+
+@contextmanager
+def static_http(respond):
+    """A plain HTTP server on a loopback port (a CDN, a web page): ``respond(path)`` -> (status, body bytes)
+    answers each GET; yields (base URL, the list of paths asked, in order)."""
+    import http.server
+
+    asked: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            status, body = respond(self.path)
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}", asked
+    finally:
+        srv.shutdown()

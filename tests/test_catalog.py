@@ -1,14 +1,14 @@
-import http.server
 import io
 import socket
 import struct
-import threading
 import zlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+
+from serve_util import static_http
 from typer.testing import CliRunner
 
 from moonsearch.cli import app
@@ -33,26 +33,8 @@ def _png_header_only(w: int, h: int) -> bytes:
 def http_server():
     """A real HTTP server on loopback: /ok.jpg serves an image, everything else is 404."""
     body = _jpeg()
-
-    class H(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path == "/ok.jpg":
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-            else:
-                self.send_response(404)
-                self.end_headers()
-
-        def log_message(self, *a):
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
+    with static_http(lambda path: (200, body) if path == "/ok.jpg" else (404, b"")) as (url, _):
+        yield url
 
 
 def _closed_port() -> int:
@@ -256,40 +238,31 @@ def test_pictures_that_failed_for_a_passing_reason_are_fetched_again(tmp_path, c
     from moonsearch.indexer.run import IndexJob, run_index
     from moonsearch.search.service import SearchService
 
-    body, state = _jpeg((20, 160, 40)), {"fail": 0, "asked": 0}
+    body, state = _jpeg((20, 160, 40)), {"fail": 0}
 
-    class Flaky(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            state["asked"] += 1
-            if self.path == "/gone.jpg" or state["fail"] > 0:
-                state["fail"] -= self.path != "/gone.jpg"
-                self.send_response(404 if self.path == "/gone.jpg" else 503)
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def cdn(path):
+        if path == "/gone.jpg":
+            return 404, b""
+        if state["fail"] > 0:
+            state["fail"] -= 1
+            return 503, b""
+        return 200, body
 
-        def log_message(self, *a):
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{srv.server_address[1]}"
-    (tmp_path / "local.jpg").write_bytes(_jpeg())
-    pq.write_table(pa.table({"item_id": ["A", "B", "C"], "title": ["green cup", "red cup", "blue cup"],
-                             "category": [["home", "cups"]] * 3,
-                             "images": [["local.jpg", f"{url}/cdn.jpg"], ["local.jpg"], ["local.jpg", f"{url}/gone.jpg"]]}),
-                   tmp_path / "catalog.parquet")
-    job = IndexJob(tmp_path / "catalog.parquet", tmp_path / "idx", model="clip-tiny", timeout=5)
-    try:
+    with static_http(cdn) as (url, asked):
+        (tmp_path / "local.jpg").write_bytes(_jpeg())
+        pq.write_table(pa.table({"item_id": ["A", "B", "C"], "title": ["green cup", "red cup", "blue cup"],
+                                 "category": [["home", "cups"]] * 3,
+                                 "images": [["local.jpg", f"{url}/cdn.jpg"], ["local.jpg"],
+                                            ["local.jpg", f"{url}/gone.jpg"]]}),
+                       tmp_path / "catalog.parquet")
+        job = IndexJob(tmp_path / "catalog.parquet", tmp_path / "idx", model="clip-tiny", timeout=5)
         state["fail"] = 2  # two 503s, then the picture: the third try of the same run gets it
         rep = run_index(job, encoder=clip_tiny)
-        assert [p.reason for p in rep.problems if p.item_id == "A"] == [] and state["asked"] == 4
+        assert [p.reason for p in rep.problems if p.item_id == "A"] == [] and len(asked) == 4
         assert [p.item_id for p in rep.problems] == ["C"] and TRANSIENT not in rep.problems[0].reason
         whole = SearchService(tmp_path / "idx").product_vector("A")
         shutil.rmtree(tmp_path / "idx")
+
         state["fail"] = 3  # down for the whole run
         rep = run_index(job, encoder=clip_tiny)
         flaky = [p for p in rep.problems if p.item_id == "A"]
@@ -304,9 +277,7 @@ def test_pictures_that_failed_for_a_passing_reason_are_fetched_again(tmp_path, c
         assert rep.retried == 1 and rep.embedded == 1 and rep.cached == 2
         assert [p.item_id for p in rep.problems] == ["C"]  # the 404 stays, reported, not retried
         np.testing.assert_allclose(SearchService(tmp_path / "idx").product_vector("A"), whole, atol=1e-3)
-        asked = state["asked"]
+        before = len(asked)
         rep = run_index(job, encoder=clip_tiny)  # and then it is an ordinary cached item
-        assert rep.retried == 0 and rep.embedded == 0 and rep.cached == 3 and state["asked"] == asked
+        assert rep.retried == 0 and rep.embedded == 0 and rep.cached == 3 and len(asked) == before
         assert [p.item_id for p in rep.problems] == ["C"]
-    finally:
-        srv.shutdown()

@@ -351,8 +351,7 @@ def test_svg_pictures_are_drawn_on_white_and_fetch_nothing(tmp_path):
     """An SVG product drawing is drawn SVG_SIDE square, centred, on white; one that refers to a file or a
     URL, or declares an XML entity, is a clear per-picture error, and nothing is read from disk or
     network."""
-    import http.server
-    import threading
+    from serve_util import static_http
 
     from moonsearch.data.images import SVG_SIDE, ImageError, decode
 
@@ -362,22 +361,9 @@ def test_svg_pictures_are_drawn_on_white_and_fetch_nothing(tmp_path):
     c = SVG_SIDE // 2
     assert read.shape == (SVG_SIDE, SVG_SIDE, 3) and tuple(read[c, c]) == (200, 30, 30)
     assert (read[5, 5] == 255).all() and (read[c, 5] == 255).all()  # letterboxed on white, not black
-    asked = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            asked.append(self.path)
-            self.send_response(404)
-            self.end_headers()
-
-        def log_message(self, *a):
-            pass
-
-    srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
     Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "secret.png")
-    try:
-        for ref in (f"http://127.0.0.1:{srv.server_address[1]}/x.png", (tmp_path / "secret.png").as_uri()):
+    with static_http(lambda path: (404, b"")) as (url, asked):
+        for ref in (f"{url}/x.png", (tmp_path / "secret.png").as_uri()):
             bad = (f'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 8 8">'
                    f'<image href="{ref}" width="8" height="8"/></svg>').encode()
             with pytest.raises(ImageError, match="drawing.svg: the SVG refers to .*not fetched"):
@@ -386,8 +372,6 @@ def test_svg_pictures_are_drawn_on_white_and_fetch_nothing(tmp_path):
                b'<svg xmlns="http://www.w3.org/2000/svg"><text y="9">&x;</text></svg>')
         with pytest.raises(ImageError, match="drawing.svg: corrupt SVG"):
             decode(xxe, "drawing.svg")
-    finally:
-        srv.shutdown()
     assert asked == []
     with pytest.raises(ImageError, match="drawing.svg: corrupt SVG"):
         decode(svg[:60], "drawing.svg")

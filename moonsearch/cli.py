@@ -152,6 +152,8 @@ def index(
                                                "Ray) or a cluster address HOST:PORT")] = None,
     ray_actors: Annotated[Optional[int], typer.Option(help="encoder actors on Ray (default: one per GPU, "
                                                       "else one per CPU)")] = None,
+    recheck_urls: Annotated[bool, typer.Option(help="ask each picture URL's server (HEAD) whether the picture "
+                                               "changed, and embed the item again if it did")] = False,
 ):
     """Embed a catalog and build one FAISS index per category (resumable; re-runs reuse embeddings)."""
     from moonsearch.index.faiss_backend import IndexParams
@@ -183,7 +185,7 @@ def index(
              if v is not None}
     at_least("--ray-actors", ray_actors)
     job = IndexJob(catalog, out, model, level, IndexParams(**given) if given else None, append, batch_size,
-                   device=device, ray=ray, ray_actors=ray_actors)
+                   device=device, ray=ray, ray_actors=ray_actors, recheck_urls=recheck_urls)
     with _progress("embedding") as prog:
         rep = run_index(job, progress=_with_progress(prog))
     remember_index(out)

@@ -73,19 +73,25 @@ def hammering(url: str, body: dict, clients: int = 4):
 @contextmanager
 def static_http(respond):
     """A plain HTTP server on a loopback port (a CDN, a web page): ``respond(path)`` -> (status, body bytes)
-    answers each GET; yields (base URL, the list of paths asked, in order)."""
+    or (status, body, headers) answers each GET and HEAD; yields (base URL, the requests asked, in order,
+    as "GET /path" / "HEAD /path")."""
     import http.server
 
     asked: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            asked.append(self.path)
-            status, body = respond(self.path)
+        def do_GET(self, head=False):
+            asked.append(f"{self.command} {self.path}")
+            status, body, *more = respond(self.path)
             self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
+            for k, v in {"Content-Length": str(len(body)), **(more[0] if more else {})}.items():
+                self.send_header(k, v)
             self.end_headers()
-            self.wfile.write(body)
+            if not head:
+                self.wfile.write(body)
+
+        def do_HEAD(self):
+            self.do_GET(head=True)
 
         def log_message(self, *a):
             pass

@@ -281,3 +281,34 @@ def test_pictures_that_failed_for_a_passing_reason_are_fetched_again(tmp_path, c
         rep = run_index(job, encoder=clip_tiny)  # and then it is an ordinary cached item
         assert rep.retried == 0 and rep.embedded == 0 and rep.cached == 3 and len(asked) == before
         assert [p.item_id for p in rep.problems] == ["C"]
+
+
+def test_recheck_urls_embeds_a_picture_replaced_at_the_same_address(tmp_path, clip_tiny):
+    """A URL names its picture for good unless `index --recheck-urls`: then each run asks the server
+    (HEAD) and an item whose picture changed behind the same address is embedded again, the rest reused."""
+    import numpy as np
+
+    from moonsearch.indexer.run import IndexJob, run_index
+    from moonsearch.search.service import SearchService
+
+    pictures = {"etag": '"v1"', "body": _jpeg((200, 30, 30))}
+    with static_http(lambda path: (200, pictures["body"], {"ETag": pictures["etag"]})) as (url, asked):
+        pq.write_table(pa.table({"item_id": ["A", "B"], "title": ["cup", "bowl"], "category": [["home"]] * 2,
+                                 "images": [[f"{url}/a.jpg"], [f"{url}/b.jpg"]]}), tmp_path / "catalog.parquet")
+        plain = IndexJob(tmp_path / "catalog.parquet", tmp_path / "idx", model="clip-tiny")
+        check = IndexJob(tmp_path / "catalog.parquet", tmp_path / "idx", model="clip-tiny", recheck_urls=True)
+        assert run_index(plain, encoder=clip_tiny).embedded == 2
+        first = SearchService(tmp_path / "idx").product_vector("A")
+        pictures.update(etag='"v2"', body=_jpeg((30, 30, 200)))  # replaced behind the same address
+        asked.clear()
+        rep = run_index(plain, encoder=clip_tiny)
+        assert rep.embedded == 0 and asked == []  # without the option: reused, the server never asked
+        rep = run_index(check, encoder=clip_tiny)  # first run with the option: keys now carry the version
+        assert rep.embedded == 2 and sorted(a for a in asked if a.startswith("HEAD")) == ["HEAD /a.jpg", "HEAD /b.jpg"]
+        assert not np.allclose(SearchService(tmp_path / "idx").product_vector("A"), first, atol=1e-3)
+        asked.clear()
+        rep = run_index(check, encoder=clip_tiny)  # unchanged: asked, reused, nothing fetched
+        assert rep.embedded == 0 and rep.cached == 2 and all(a.startswith("HEAD") for a in asked)
+        pictures["etag"] = '"v3"'
+        rep = run_index(check, encoder=clip_tiny)
+        assert rep.embedded == 2 and rep.cached == 0

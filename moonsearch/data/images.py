@@ -284,13 +284,28 @@ def load_images(refs, base_dir: Path | None = None, timeout: float = 10.0, load=
     return images, problems
 
 
-def fingerprint(ref: ImageRef, base_dir: Path | None = None) -> str:
-    """A cheap identity for caching: path + size + mtime for files, the URL, or a hash of bytes."""
+def url_version(ref: str, timeout: float = 10.0) -> str:
+    """What a HEAD request says of the picture behind ``ref`` (ETag, Last-Modified, Content-Length), so a
+    picture replaced at the same address can be told apart; "" when the server says nothing of use or
+    does not answer (the GET that loads it reports that)."""
+    try:
+        req = urllib.request.Request(ref, method="HEAD", headers={"User-Agent": "moonsearch"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            seen = [resp.headers.get(k, "") for k in ("ETag", "Last-Modified", "Content-Length")]
+    except (urllib.error.URLError, TimeoutError, OSError, ValueError):
+        return ""
+    return "|".join(seen) if any(seen) else ""
+
+
+def fingerprint(ref: ImageRef, base_dir: Path | None = None, versions: dict[str, str] | None = None) -> str:
+    """A cheap identity for caching: path + size + mtime for files, a hash of bytes, the URL; with
+    ``versions`` (URL -> ``url_version``) the URL and what its server says of the picture."""
     if isinstance(ref, (bytes, bytearray)):
         return "sha1:" + hashlib.sha1(ref).hexdigest()
     path = resolve_path(ref, base_dir)
     if path is None:
-        return ref
+        version = (versions or {}).get(ref)
+        return f"{ref}#{version}" if version else ref
     try:
         st = os.stat(path)
         return f"{path}:{st.st_size}:{st.st_mtime_ns}"

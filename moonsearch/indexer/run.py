@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from moonsearch.data.catalog import CatalogRecord, Problem, iter_catalog, write_rejects
-from moonsearch.data.images import fingerprint, is_transient, load_images, reading, resolve_path
+from moonsearch.data.images import fingerprint, is_transient, load_images, reading, resolve_path, url_version
 from moonsearch.index.category import CategoryIndex
 from moonsearch.index.faiss_backend import IndexParams, auto_rerank
 from moonsearch.index.index_set import IndexSet, category_key, new_manifest, slugify
@@ -50,6 +50,9 @@ class IndexJob:
     device: str | None = None
     ray: str | None = None  # "auto" or a cluster address: embed and build on Ray (indexer/distributed.py)
     ray_actors: int | None = None  # encoder actors (default: one per GPU, else one per CPU)
+    # ask each picture URL's server (HEAD: ETag, Last-Modified, Content-Length) whether the picture changed,
+    # so one replaced at the same address is embedded again; off, a URL names its picture for good
+    recheck_urls: bool = False
 
 
 @dataclass
@@ -66,10 +69,18 @@ class IndexReport:
     ray: dict | None = None  # the cluster and the actor plan, with --ray
 
 
-def content_key(rec: CatalogRecord, base: Path, max_images: int) -> str:
+def content_key(rec: CatalogRecord, base: Path, max_images: int, versions: dict[str, str] | None = None) -> str:
     blob = json.dumps([reading(), rec.title, rec.category, sorted(rec.attributes.items()),
-                       [fingerprint(r, base) for r in rec.images[:max_images]]], ensure_ascii=False)
+                       [fingerprint(r, base, versions) for r in rec.images[:max_images]]], ensure_ascii=False)
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()
+
+
+def url_versions(records: list[CatalogRecord], job: "IndexJob") -> dict[str, str]:
+    """``url_version`` of every picture URL the job uses, asked ``job.workers`` at a time."""
+    urls = sorted({r for rec in records for r in rec.images[:job.max_images]
+                   if isinstance(r, str) and resolve_path(r, None) is None})
+    with ThreadPoolExecutor(job.workers) as pool:
+        return dict(zip(urls, pool.map(lambda u: url_version(u, job.timeout), urls)))
 
 
 def _image_label(ref, base: Path) -> str:
@@ -181,7 +192,8 @@ def run_index(job: IndexJob, encoder: Encoder | None = None,
     if hasattr(encoder, "use_crop_cache"):  # MOON: core-product boxes are found once per image
         encoder.use_crop_cache(out / "crops" / f"{encoder.cfg.cropper}.jsonl")
     known_problems = _read_known_problems(cache.folder)
-    keys = [content_key(r, base, job.max_images) for r in records]
+    versions = url_versions(records, job) if job.recheck_urls else None
+    keys = [content_key(r, base, job.max_images, versions) for r in records]
     # an item embedded without a picture that failed for a passing reason (a 503, a timeout) is embedded again
     retry = {k for k, found in known_problems.items() if any(is_transient(reason) for _, reason in found)}
     todo = [(r, k) for r, k in zip(records, keys) if k not in cache or k in retry]

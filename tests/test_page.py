@@ -121,6 +121,10 @@ def test_photo_upload(browser, url, catalog):
     page.wait_for_selector(".card")
     wait_results(page)
     assert "your photo" in page.text_content("#status") and "not an image" not in page.text_content("#status")
+    # Chromium cannot draw HEIC: the chip names the file instead of showing a broken picture
+    page.wait_for_selector("#photo-name", state="visible")
+    assert page.text_content("#photo-name") == "phone.HEIC" and not page.is_visible("#photo-thumb")
+    shot(page, "page-photo-heic")
     page.close()
 
 

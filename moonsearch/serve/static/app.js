@@ -201,7 +201,14 @@ function renderFilters() {
 function showPhoto(file) {
   state.photo = file;
   $("photo-chip").hidden = !file;
-  if (file) $("photo-thumb").src = URL.createObjectURL(file);
+  $("photo-thumb").hidden = false; $("photo-name").hidden = true;
+  if (file) {
+    // a photo the browser cannot draw (HEIC outside Safari) still searches: the chip shows its name instead
+    $("photo-thumb").onerror = () => {
+      $("photo-thumb").hidden = true; $("photo-name").textContent = file.name; $("photo-name").hidden = false;
+    };
+    $("photo-thumb").src = URL.createObjectURL(file);
+  }
 }
 
 function usePhoto(file) {

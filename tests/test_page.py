@@ -90,6 +90,22 @@ def test_typing_a_query_updates_the_url(browser, url, catalog):
     page.close()
 
 
+def drop_heic(page, photo: str, name: str) -> None:
+    """Drop ``photo`` re-encoded as HEIC, named ``name``, with the blank type browsers give such files."""
+    import base64
+    import io
+
+    import pillow_heif
+    from PIL import Image
+
+    heic = io.BytesIO()
+    pillow_heif.from_pillow(Image.open(photo).convert("RGB")).save(heic, quality=90)
+    page.evaluate("""([b64, name]) => { const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const dt = new DataTransfer(); dt.items.add(new File([bytes], name, { type: "" }));
+        document.dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true })); }""",
+                  [base64.b64encode(heic.getvalue()).decode(), name])
+
+
 def test_photo_upload(browser, url, catalog):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(url + "/")
@@ -103,20 +119,9 @@ def test_photo_upload(browser, url, catalog):
                            timeout=10000)
     shot(page, "page-photo-query")
     # an iPhone's HEIC photo, whose type the browser leaves blank: the page sends it, the server reads it
-    import base64
-    import io
-
-    import pillow_heif
-    from PIL import Image
-
-    heic = io.BytesIO()
-    pillow_heif.from_pillow(Image.open(photo).convert("RGB")).save(heic, quality=90)
     page.evaluate("() => { document.querySelector('#grid').innerHTML = ''; }")
-    drop = """b64 => { const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
-        const dt = new DataTransfer(); dt.items.add(new File([bytes], "phone.HEIC", { type: "" }));
-        document.dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true })); }"""
     with page.expect_response(lambda r: r.url.endswith("/search/image")) as resp:  # dropped, as from a desktop
-        page.evaluate(drop, base64.b64encode(heic.getvalue()).decode())
+        drop_heic(page, photo, "phone.HEIC")
     assert resp.value.status == 200, resp.value.text()
     page.wait_for_selector(".card")
     wait_results(page)
@@ -168,12 +173,24 @@ def test_errors_are_shown(browser, url):
     page.close()
 
 
-def test_phone_width_has_no_sideways_scroll(browser, url):
+def test_phone_width_has_no_sideways_scroll(browser, url, catalog):
+    """Nor with a photo in the search box: its chip (a picture, or a long file name) shares the row."""
     page = browser.new_page(viewport={"width": 390, "height": 844})
     page.goto(url + "/?q=red+sneakers")
     page.wait_for_selector(".card")
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     shot(page, "page-phone")
+    photo = next(m for m in catalog if m["images"])["images"][0]
+    page.set_input_files("#photo", photo)
+    page.wait_for_selector("#photo-thumb", state="visible")
+    wait_results(page)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    drop_heic(page, photo, "IMG_20261127_093512_a_long_phone_name.HEIC")
+    page.wait_for_selector("#photo-name", state="visible")
+    wait_results(page)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    assert page.is_visible("#go") and page.is_visible("#photo-button")
+    shot(page, "page-phone-photo")
     page.close()
 
 

@@ -57,7 +57,7 @@ def worker(catalog: Path, out: Path, model: str, cap: int) -> dict:
                 resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mib": rss0 / 1024}
 
 
-def agreement(a: Path, b: Path, data: Path, n_queries: int = 60) -> dict:
+def agreement(a: Path, b: Path, data: Path, catalog: Path, n_queries: int = 60) -> dict:
     """Top-10 overlap of the two indices on the demo's text queries and on the products themselves."""
     import pyarrow.parquet as pq
 
@@ -67,7 +67,7 @@ def agreement(a: Path, b: Path, data: Path, n_queries: int = 60) -> dict:
     beh = [r for r in pq.read_table(data / "behavior.parquet").to_pylist() if r["modality"] == "text"][:n_queries]
     text = [len({h.item_id for h in sa.search_text(r["query_text"], k=10)} &
                 {h.item_id for h in sb.search_text(r["query_text"], k=10)}) / 10 for r in beh]
-    ids = sorted(sa._items())[:n_queries]
+    ids = sorted(pq.read_table(catalog, columns=["item_id"]).column(0).to_pylist())[:n_queries]
     prod = [len({h.item_id for h in sa.search_product(i, k=10)} & {h.item_id for h in sb.search_product(i, k=10)}) / 10
             for i in ids]
     same = [float(np.dot(sa.product_vector(i), sb.product_vector(i)) /
@@ -110,7 +110,7 @@ if __name__ == "__main__":
         for cap in caps:
             r = dict(runs[cap])
             if cap != caps[0]:
-                r.update(agreement(Path(base["index"]), Path(r["index"]), a.data))
+                r.update(agreement(Path(base["index"]), Path(r["index"]), a.data, catalog))
                 r["speedup"] = base["embed_s"] / r["embed_s"]
             rows.append(r)
     res = {"side": a.side, "photo_mean_bytes": size, "rows": rows}

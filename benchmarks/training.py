@@ -5,6 +5,7 @@ finished run is reused), then run the paper's zero-shot tasks on all of them sid
     python benchmarks/training.py --steps 100 --name ablations --preset moon-mini-cpu --preset moon-mini-no-moe \
         --preset moon-mini-unguided --preset moon-mini-no-crops --preset moon-mini-in-batch   # equal smaller budget
     ... --seed 0 --seed 1 --seed 2      # each preset once per seed; <name>-seeds.{json,md,png}: mean and spread
+    ... --serve-like moon-mini          # judge each trained MOON as moon-mini is served (see served_like)
 
 Rows: clip-mini as shipped, clip-finetune, untrained moon-mini-base, moon-mini-cpu and its ablations.
 Writes bench-out/<name>.{json,md,png} (the zero-shot table) and bench-out/<name>-speed.json
@@ -29,6 +30,37 @@ def speed(run: Path) -> dict:
     val = [r for r in rows if "val_recall@10" in r]
     return {**med, "steps": len(steps) + 5, "val_recall@10_first": val[0]["val_recall@10"],
             "val_recall@10_last": val[-1]["val_recall@10"]}
+
+
+# MoonConfig fields that only say how a trained model is served, not what training changed: pooling (the
+# shipped moon-mini trains with split pooling and serves blocks) and the fixed visual and text blocks
+SERVED_FIELDS = ("pool", "text_pool_weight", "image_to_text_weight", "text_block", "visual_product",
+                 "visual_image_query", "visual_text_image_query", "visual_whitening", "visual_crops", "visual_tower")
+
+
+def served_like(final: Path, reference: Path) -> Path:
+    """``final`` (a trained MOON checkpoint) with ``reference``'s serving settings (SERVED_FIELDS), as
+    ``final``'s sibling ``<name>-served-<hash>``; its weights are the same bytes. An ablation is then judged
+    the way the shipped model is served, so what it changes is measured in the vector search uses."""
+    import hashlib
+    import shutil
+
+    from moonsearch.utils.io import atomic_path, atomic_write_json
+
+    conf = json.loads((final / "config.json").read_text())
+    ref = json.loads((reference / "config.json").read_text())["moon"]
+    if not conf.get("format", "").startswith("moonsearch-moon"):
+        raise ValueError(f"{final} is not a MOON checkpoint")
+    conf["moon"] = {**conf["moon"], **{k: ref[k] for k in SERVED_FIELDS if k in ref}}
+    conf.setdefault("meta", {})["served_like"] = str(reference)
+    tag = hashlib.sha1(json.dumps(conf["moon"], sort_keys=True).encode()).hexdigest()[:8]
+    out = final.with_name(f"{final.name}-served-{tag}")
+    if not (out / "config.json").exists():  # the weights first: a folder with its config is whole
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "model.safetensors") as tmp:
+            shutil.copyfile(final / "model.safetensors", tmp)
+        atomic_write_json(conf, out / "config.json")
+    return out
 
 
 def data_hash(folder: Path) -> str:
@@ -127,7 +159,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, action="append",
                     help="train each preset once per seed (default: the preset's seed); with several, the report "
                          "adds each preset's mean and spread over seeds")
+    ap.add_argument("--serve-like", metavar="CHECKPOINT",
+                    help="judge each trained MOON with this checkpoint's serving settings (pooling, visual and "
+                         "text blocks; 'moon-mini': the shipped one) instead of the settings it trained with")
     a = ap.parse_args()
+    if a.serve_like == "moon-mini":
+        from moonsearch.models.moon import MINI_CHECKPOINT
+
+        a.serve_like = str(MINI_CHECKPOINT)
     presets = a.preset or PRESETS
     rows = a.out / "training-rows"  # one evaluated row per model: a rerun skips what is done
     speeds, results = {}, []
@@ -159,9 +198,14 @@ def main() -> None:
                 train(cfg)
             kind = json.loads((final / "config.json").read_text()).get("format", "")
             label = p + (f" ({a.steps} steps)" if a.steps else "") + (f" seed {seed}" if seed is not None else "")
-            results.append(row(f"clip-mini:{final}" if kind.startswith("moonsearch-clip-mini") else f"moon:{final}",
+            judged = final
+            if a.serve_like and kind.startswith("moonsearch-moon"):
+                judged = served_like(final, Path(a.serve_like))
+                label += ", as served"
+            results.append(row(f"clip-mini:{judged}" if kind.startswith("moonsearch-clip-mini") else f"moon:{judged}",
                                label))
-            seeded.setdefault(p + (f" ({a.steps} steps)" if a.steps else ""), []).append(results[-1])
+            seeded.setdefault(p + (f" ({a.steps} steps)" if a.steps else "") + (", as served" if judged != final else ""),
+                              []).append(results[-1])
             speeds[label] = speed(final.parent)
     zero_shot.write(results, a.out, a.name)
     atomic_write_json(speeds, a.out / f"{a.name}-speed.json")

@@ -610,3 +610,45 @@ def test_gradient_checkpointing_takes_the_same_step(train_cfg, tmp_path):
     assert any("expert" in n and d.abs().sum() > 0 for n, d in steps[True].items())
     for n in steps[False]:
         assert torch.allclose(steps[False][n], steps[True][n], atol=1e-6), n
+
+
+def test_training_bench_judges_a_trained_moon_as_the_reference_is_served(tmp_path):
+    """--serve-like: the ablation's trained weights, byte for byte, with the reference's pooling and fixed
+    blocks; a text query then leaves the image block empty, as moon-mini served by blocks does."""
+    import importlib.util
+    import json
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from moonsearch.models.base import Query
+    from moonsearch.models.moon import builtin_config
+    from moonsearch.models.moon.encoder import build_model, load_pretrained, save_pretrained
+
+    spec = importlib.util.spec_from_file_location("bench_training", os.path.join(
+        os.path.dirname(__file__), "..", "benchmarks", "training.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    trained = build_model(replace(builtin_config("moon-tiny"), pool="split", seed=3))
+    final = save_pretrained(trained, tmp_path / "run" / "final", meta={"steps": 7})
+    reference = save_pretrained(build_model(replace(builtin_config("moon-tiny"), pool="blocks", text_pool_weight=0.8)),
+                                tmp_path / "reference")
+    out = bench.served_like(final, reference)
+    assert out.parent == final.parent and bench.served_like(final, reference) == out  # made once
+    assert (out / "model.safetensors").read_bytes() == (final / "model.safetensors").read_bytes()
+    conf, before = json.loads((out / "config.json").read_text()), json.loads((final / "config.json").read_text())
+    assert conf["moon"]["pool"] == "blocks" and conf["moon"]["text_pool_weight"] == 0.8
+    assert {k: v for k, v in conf["moon"].items() if k not in bench.SERVED_FIELDS} == \
+        {k: v for k, v in before["moon"].items() if k not in bench.SERVED_FIELDS}  # the recipe itself unchanged
+    assert conf["meta"]["steps"] == 7
+    enc = load_pretrained(out)
+    state = load_file(str(final / "model.safetensors"))
+    own = enc.model.state_dict()
+    assert all(torch.equal(own[k].float(), v.float()) for k, v in state.items())
+    v = enc.encode_queries([Query("red shoe")])[0]
+    half = enc.semantic_dim // 2
+    assert np.abs(v[half:enc.semantic_dim]).max() == 0 and np.linalg.norm(v[:half]) > 0.5
+    with pytest.raises(ValueError, match="not a MOON"):
+        (tmp_path / "clip").mkdir()
+        (tmp_path / "clip" / "config.json").write_text(json.dumps({"format": "moonsearch-clip-mini/1"}))
+        bench.served_like(tmp_path / "clip", reference)

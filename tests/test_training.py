@@ -568,6 +568,7 @@ def test_training_bench_summarises_seeds_as_mean_and_sample_spread(tmp_path):
     t = summary["a"]["tasks"]
     assert summary["a"]["seeds"] == 3 and t["text -> product R@10"]["mean"] == pytest.approx(0.7)
     assert t["text -> product R@10"]["sd"] == pytest.approx(0.1) and t["attribute colour"]["max"] == 0.4
+    assert t["text -> product R@1"]["mean"] == pytest.approx(0.1)  # R@1 beside R@10: R@10 saturates
     assert summary["b"]["tasks"]["classification level 1"]["sd"] == 0.0
     bench.write_seed_report(summary, tmp_path, "s")
     assert "0.700 ± 0.100" in (tmp_path / "s.md").read_text() and (tmp_path / "s.png").stat().st_size > 5000

@@ -63,6 +63,16 @@ def served_like(final: Path, reference: Path) -> Path:
     return out
 
 
+def served_base(reference: Path):
+    """Untrained moon-mini-base with ``reference``'s serving settings (see served_like)."""
+    from moonsearch.models.moon import builtin_config
+    from moonsearch.models.moon.encoder import fresh_encoder
+
+    ref = json.loads((reference / "config.json").read_text())["moon"]
+    return fresh_encoder(replace(builtin_config("moon-mini-base"), **{k: ref[k] for k in SERVED_FIELDS if k in ref}),
+                         "moon-mini-base, as served")
+
+
 def data_hash(folder: Path) -> str:
     """The training / evaluation data's identity: the bytes of its catalog and behaviour log."""
     import hashlib
@@ -174,9 +184,9 @@ def main() -> None:
 
     data = data_hash(Path(a.data))
 
-    def row(name: str, label: str) -> dict:
+    def row(name: str, label: str, enc=None) -> dict:
         # reused only for the same vectors (encoder fingerprint), the same data and the same options
-        enc = create_encoder(name)
+        enc = enc or create_encoder(name)
         slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
         f = rows / f"{slug}-{enc.fingerprint}-{data}-limit{a.limit}.json"
         if not f.exists():
@@ -186,7 +196,11 @@ def main() -> None:
             print(f"evaluated {label}", flush=True)
         return json.loads(f.read_text())
 
-    results += [row("clip-mini", "clip-mini"), row("moon-mini-base", "moon-mini-base (untrained)")]
+    results.append(row("clip-mini", "clip-mini"))
+    if a.serve_like:  # what training adds is then measured in the served vector too
+        results.append(row("", "moon-mini-base (untrained), as served", served_base(Path(a.serve_like))))
+    else:
+        results.append(row("moon-mini-base", "moon-mini-base (untrained)"))
     seeded: dict[str, list[dict]] = {}
     for p in presets:
         for seed in a.seed or [None]:

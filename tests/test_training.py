@@ -649,6 +649,8 @@ def test_training_bench_judges_a_trained_moon_as_the_reference_is_served(tmp_pat
     v = enc.encode_queries([Query("red shoe")])[0]
     half = enc.semantic_dim // 2
     assert np.abs(v[half:enc.semantic_dim]).max() == 0 and np.linalg.norm(v[:half]) > 0.5
+    base = bench.served_base(reference)  # the untrained row is judged the same way
+    assert (base.cfg.pool, base.cfg.text_pool_weight, base.cfg.num_layers) == ("blocks", 0.8, 6)
     with pytest.raises(ValueError, match="not a MOON"):
         (tmp_path / "clip").mkdir()
         (tmp_path / "clip" / "config.json").write_text(json.dumps({"format": "moonsearch-clip-mini/1"}))

@@ -206,7 +206,8 @@ def index(
 @friendly
 def query(
     text: Annotated[Optional[str], typer.Argument(help="query text")] = None,
-    image: Annotated[Optional[Path], typer.Option(help="query photo (with TEXT: a multimodal query)")] = None,
+    image: Annotated[Optional[str], typer.Option(help="query photo: a file or an http(s) URL (with TEXT: a "
+                                                 "multimodal query)")] = None,
     product: Annotated[Optional[str], typer.Option(help="item id: find similar products")] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="number of hits")] = 10,
     category: Annotated[Optional[list[str]], typer.Option(help="restrict to a category path prefix, "
@@ -249,7 +250,7 @@ def query(
     elif image is not None:
         from moonsearch.data.images import load_image
 
-        query_img = load_image(str(image.resolve()))
+        query_img = load_image(image, Path.cwd())  # a path (relative to here), file:// or http(s) URL
         res = svc.search(text, query_img, mode=mode, understand=understand, **kw)
         hits, understood = res.hits, res.understood
         label = f"photo {image}" + (f" + '{text}'" if text else "")

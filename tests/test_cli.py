@@ -212,3 +212,23 @@ def test_the_default_index_is_the_last_built_from_this_folder(world, tmp_path, m
     _bad(["query", "mug", "-k", "2"], "not a moonsearch index")
     monkeypatch.setenv("MOONSEARCH_INDEX", str(a / "shop-index"))
     assert len(json.loads(_ok(["query", "mug", "--json", "-k", "2"]))["hits"]) == 2
+
+
+def test_query_photo_by_url_or_relative_path(tiny_index, world, tmp_path, monkeypatch):
+    """--image takes what a catalog takes: an http(s) URL (a shop's CDN) or a path relative to where the
+    command runs, with the same hits as the file; a missing one is one clear line naming it."""
+    from serve_util import static_http
+
+    cat = pq.read_table(world / "catalog.parquet").to_pylist()
+    img = world / cat[5]["images"][0]
+    args = ["--index", str(tiny_index), "--json", "-k", "4", "--mode", "vector"]
+    by_file = json.loads(_ok(["query", "--image", str(img), *args]))["hits"]
+    with static_http(lambda path: (200, img.read_bytes()) if path == "/p/photo.jpg" else (404, b"gone")) as (url, asked):
+        by_url = json.loads(_ok(["query", "--image", f"{url}/p/photo.jpg", *args]))["hits"]
+        assert asked == ["GET /p/photo.jpg"]
+        _bad(["query", "--image", f"{url}/p/missing.jpg", *args], "missing.jpg")
+    assert [h["item_id"] for h in by_url] == [h["item_id"] for h in by_file]
+    monkeypatch.chdir(img.parent)
+    by_relative = json.loads(_ok(["query", "--image", img.name, *args]))["hits"]
+    assert [h["item_id"] for h in by_relative] == [h["item_id"] for h in by_file]
+    _bad(["query", "--image", "no-such-photo.jpg", *args], "no-such-photo.jpg")

@@ -38,6 +38,12 @@ SERVED_FIELDS = ("pool", "text_pool_weight", "image_to_text_weight", "text_block
                  "visual_image_query", "visual_text_image_query", "visual_whitening", "visual_crops", "visual_tower")
 
 
+def serving_settings(reference: Path) -> dict:
+    """SERVED_FIELDS as the MOON checkpoint ``reference`` has them."""
+    ref = json.loads((reference / "config.json").read_text())["moon"]
+    return {k: ref[k] for k in SERVED_FIELDS if k in ref}
+
+
 def served_like(final: Path, reference: Path) -> Path:
     """``final`` (a trained MOON checkpoint) with ``reference``'s serving settings (SERVED_FIELDS), as
     ``final``'s sibling ``<name>-served-<hash>``; its weights are the same bytes. An ablation is then judged
@@ -45,13 +51,13 @@ def served_like(final: Path, reference: Path) -> Path:
     import hashlib
     import shutil
 
+    from moonsearch.models.moon.encoder import is_checkpoint
     from moonsearch.utils.io import atomic_path, atomic_write_json
 
-    conf = json.loads((final / "config.json").read_text())
-    ref = json.loads((reference / "config.json").read_text())["moon"]
-    if not conf.get("format", "").startswith("moonsearch-moon"):
+    if not is_checkpoint(final):
         raise ValueError(f"{final} is not a MOON checkpoint")
-    conf["moon"] = {**conf["moon"], **{k: ref[k] for k in SERVED_FIELDS if k in ref}}
+    conf = json.loads((final / "config.json").read_text())
+    conf["moon"] = {**conf["moon"], **serving_settings(reference)}
     conf.setdefault("meta", {})["served_like"] = str(reference)
     tag = hashlib.sha1(json.dumps(conf["moon"], sort_keys=True).encode()).hexdigest()[:8]
     out = final.with_name(f"{final.name}-served-{tag}")
@@ -68,8 +74,7 @@ def served_base(reference: Path):
     from moonsearch.models.moon import builtin_config
     from moonsearch.models.moon.encoder import fresh_encoder
 
-    ref = json.loads((reference / "config.json").read_text())["moon"]
-    return fresh_encoder(replace(builtin_config("moon-mini-base"), **{k: ref[k] for k in SERVED_FIELDS if k in ref}),
+    return fresh_encoder(replace(builtin_config("moon-mini-base"), **serving_settings(reference)),
                          "moon-mini-base, as served")
 
 

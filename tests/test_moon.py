@@ -329,6 +329,53 @@ def test_batched_vision_windows_match_the_per_window_loop(tmp_path, family, monk
         assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
 
 
+def test_padding_mlp_widths_keeps_the_outputs_and_the_padding_untrained(tmp_path):
+    """pad_mlp_width widens the gated MLPs (the GPU path pads Qwen2.5-VL's 3,420-wide vision MLP) with zeros:
+    the vision tower's and the language model's outputs must not move, and training must leave the padding
+    at zero (no gradient reaches it), or a padded model would drift from the unpadded one."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    from moonsearch.models.moon.adapters import pad_mlp_width, unpad_mlp_width
+    from moonsearch.models.moon.backbones import save_tiny_qwen_vl
+
+    folder = save_tiny_qwen_vl(tmp_path / "q", family="qwen2_5_vl")
+    ref, padded = AutoModel.from_pretrained(folder).eval(), AutoModel.from_pretrained(folder).eval()
+    n_mlps = sum(hasattr(m, "gate_proj") for m in padded.modules())
+    assert pad_mlp_width(padded, multiple=48) == n_mlps  # 64 (vision) and 128 (text) are not multiples of 48
+    assert padded.visual.blocks[0].mlp.gate_proj.out_features == 96
+    assert padded.language_model.layers[0].mlp.down_proj.in_features == 144
+    assert pad_mlp_width(padded, multiple=48) == 0  # already aligned: nothing to do
+    rng = np.random.default_rng(0)
+    proc = AutoImageProcessor.from_pretrained(folder)
+    p = proc(images=[Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8))], return_tensors="pt")
+    x = torch.randn(2, 7, ref.config.text_config.hidden_size)
+    with torch.no_grad():
+        for model_out in ((lambda m: m.visual(p["pixel_values"], grid_thw=p["image_grid_thw"])),
+                          (lambda m: m.language_model(inputs_embeds=x))):
+            a, b = model_out(ref), model_out(padded)
+            a, b = (getattr(o, "pooler_output", None) if getattr(o, "pooler_output", None) is not None
+                    else getattr(o, "last_hidden_state", o) for o in (a, b))
+            assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+    # checkpoints never see the padding: state_dict writes the own widths, load_state_dict takes either
+    own = ref.state_dict()
+    written = padded.state_dict()
+    assert {k: v.shape for k, v in written.items()} == {k: v.shape for k, v in own.items()}
+    assert all(torch.equal(written[k], own[k]) for k in own)
+    padded.load_state_dict(own)
+    padded.load_state_dict(written)
+    assert padded.visual.blocks[0].mlp.gate_proj.weight.shape[0] == 96
+    mlp = padded.language_model.layers[0].mlp
+    mlp(torch.randn(3, x.shape[-1])).pow(2).sum().backward()
+    assert mlp.gate_proj.weight.grad[128:].abs().max() == 0 and mlp.up_proj.weight.grad[128:].abs().max() == 0
+    assert mlp.down_proj.weight.grad[:, 128:].abs().max() == 0
+    assert mlp.gate_proj.weight.grad[:128].abs().max() > 0
+    # the trainer undoes it and trains at the own shapes
+    assert unpad_mlp_width(padded) == n_mlps
+    assert {k: v.shape for k, v in padded.state_dict().items()} == {k: v.shape for k, v in own.items()}
+    assert padded.language_model.layers[0].mlp.down_proj.in_features == 128
+    assert unpad_mlp_width(padded) == 0
+
+
 def test_the_cached_smollm2_copy_loads_whole_as_moon_minis_base_model():
     """moon-mini's LM is a copy of the packaged GGUF, written into the cache on first use. The base model
     that moon-mini loads must find every weight in it: a missing one (SmolLM2's embedding table is tied

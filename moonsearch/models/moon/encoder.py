@@ -175,6 +175,10 @@ class MoonEncoder(Encoder):
         self.cfg = model.cfg
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
+        if str(self.device).startswith("cuda"):  # aligned MLP widths for the GPU's fast matrix kernels; the
+            from moonsearch.models.moon.adapters import pad_mlp_width  # outputs and checkpoints stay the same
+
+            pad_mlp_width(self.model)
         self.name, self.fingerprint = name, fingerprint
         self.semantic_dim = model.dim
         self.visual = None

@@ -41,7 +41,7 @@ THREE_B = dict(  # Qwen/Qwen2.5-VL-3B-Instruct config.json
 TINY = dict(
     text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
-    vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+    vision=dict(depth=2, hidden_size=32, intermediate_size=60, num_heads=2, out_hidden_size=64, patch_size=14,
                 spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1], window_size=56),
     image_size=112, batches=(2, 4), train_batch=2, n_general=2)
 
@@ -83,7 +83,68 @@ def exact_knn(xb: np.ndarray, xq: np.ndarray, k: int) -> np.ndarray:
     return best_i.cpu().numpy()
 
 
+def faiss_measure(search, xq: np.ndarray, xb: np.ndarray, exact: np.ndarray, name: str, log=print):
+    """QPS at batch 1 (200 queries) / 64 / 1024 after one warm-up batch, recall@10 against exact search, and
+    recall@10 after moonsearch's exact re-rank of the top 8k. ``search(q, k) -> ids``."""
+    from moonsearch.eval.metrics import ann_recall
+
+    row = {}
+    for bs in (1, 64, 1024):
+        qs = xq[:200] if bs == 1 else xq
+        search(qs[:bs], K)
+        t = time.perf_counter()
+        for s in range(0, len(qs), bs):
+            search(qs[s:s + bs], K)
+        row[f"qps_batch{bs}"] = round(len(qs) / (time.perf_counter() - t), 1)
+    found = search(xq, K)
+    row["recall10"] = round(ann_recall(found, exact), 4)
+    short = search(xq, K * 8)  # the moonsearch path: exact re-rank of 8k
+    sc = np.einsum("qd,qcd->qc", xq, xb[np.maximum(short, 0)])
+    sc[short < 0] = -np.inf
+    rr = np.take_along_axis(short, np.argsort(-sc, axis=1)[:, :K], 1)
+    row["recall10_rerank8"] = round(ann_recall(rr, exact), 4)
+    short = search(xq, K * 32)  # the re-rank depth moonsearch uses above 5M vectors
+    sc = np.einsum("qd,qcd->qc", xq, xb[np.maximum(short, 0)])
+    sc[short < 0] = -np.inf
+    row["recall10_rerank32"] = round(ann_recall(np.take_along_axis(short, np.argsort(-sc, axis=1)[:, :K], 1), exact), 4)
+    log(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    return row, found
+
+
+def cpu_build(data: Path, factory: str, out: Path, threads: int) -> None:
+    """The CPU build of the same data (a child process, so that a deadline can stop it): train on the same
+    points, add in 1M chunks, then search like the GPU index. Writes out (JSON) after each phase and the
+    found ids next to it."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    xb, xq = np.load(data / "xb.npy", mmap_mode="r"), np.load(data / "xq.npy")
+    exact, train = np.load(data / "exact.npy"), np.load(data / "train.npy")
+    res: dict = {"threads": threads}
+    ix = faiss.index_factory(D, factory, faiss.METRIC_INNER_PRODUCT)
+    t = time.perf_counter()
+    ix.train(train)
+    res["train_s"] = round(time.perf_counter() - t, 2)
+    out.write_text(json.dumps(res))
+    t = time.perf_counter()
+    for s in range(0, len(xb), 1_000_000):
+        ix.add(np.ascontiguousarray(xb[s:s + 1_000_000]))
+        res["added"] = min(len(xb), s + 1_000_000)
+        res["add_s"] = round(time.perf_counter() - t, 2)
+        out.write_text(json.dumps(res))
+    params = faiss.SearchParametersIVF(nprobe=32)
+    row, found = faiss_measure(lambda q, k: ix.search(q, k, params=params)[1], xq, np.asarray(xb), exact, "cpu")
+    res.update(row)
+    np.save(out.with_suffix(".npy"), found)
+    out.write_text(json.dumps(res))
+
+
 def faiss_section(n: int, nq: int, cpu_deadline_s: float, log=print, save=lambda d: None) -> dict:
+    """GPU build (when faiss sees a GPU) and, in a child process started at once on all but 4 of the cores,
+    the CPU build of the same data, stopped at ``cpu_deadline_s`` after the data exists."""
+    import shutil
+    import tempfile
+
     import faiss
 
     from moonsearch.eval.metrics import ann_recall
@@ -104,49 +165,52 @@ def faiss_section(n: int, nq: int, cpu_deadline_s: float, log=print, save=lambda
     train = xb[np.sort(rng.choice(n, min(n, 39 * nlist), replace=False))]
     out["train_points"] = len(train)
     log(f"faiss {faiss.__version__}: {n:,} x {D}, {factory}, exact top-{K} in {out['exact_s']} s")
-
-    def train_and_add(index, name):
-        t = time.perf_counter()
-        index.train(train)
-        out[f"{name}_train_s"] = round(time.perf_counter() - t, 2)
-        t = time.perf_counter()
-        for s in range(0, n, 1_000_000):
-            index.add(xb[s:s + 1_000_000])
-        out[f"{name}_add_s"] = round(time.perf_counter() - t, 2)
-
-    def qps(search) -> dict:
-        """Queries/s at batch 1 (200 queries) / 64 / 1024, after one warm-up batch."""
-        row = {}
-        for bs in (1, 64, 1024):
-            qs = xq[:200] if bs == 1 else xq
-            search(qs[:bs])
-            t = time.perf_counter()
-            for s in range(0, len(qs), bs):
-                search(qs[s:s + bs])
-            row[f"qps_batch{bs}"] = round(len(qs) / (time.perf_counter() - t), 1)
-        return row
-
-    def measure(index, name, params):
-        row = qps(lambda q: index.search(q, K, params=params))
-        _, found = index.search(xq, K, params=params)
-        row["recall10"] = round(ann_recall(found, exact), 4)
-        _, short = index.search(xq, K * 8, params=params)  # the moonsearch path: exact re-rank of 8k
-        sc = np.einsum("qd,qcd->qc", xq, xb[np.maximum(short, 0)])
-        sc[short < 0] = -np.inf
-        rr = np.take_along_axis(short, np.argsort(-sc, axis=1)[:, :K], 1)
-        row["recall10_rerank8"] = round(ann_recall(rr, exact), 4)
-        log(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
-        return row, found
-
+    need = 1.2 * (xb.nbytes + train.nbytes)
+    shm = next((d for d in (Path("/dev/shm"), Path(tempfile.gettempdir()))
+                if d.is_dir() and shutil.disk_usage(d).free > need), Path(tempfile.gettempdir()))
+    data = Path(tempfile.mkdtemp(prefix="moonsearch-gpucheck-", dir=shm))
+    for name, arr in (("xb", xb), ("xq", xq), ("exact", exact), ("train", train)):
+        np.save(data / f"{name}.npy", arr)
+    threads = max(1, (os.cpu_count() or 1) - (4 if out["gpus"] else 0))
+    cpu_json = data / "cpu.json"
+    child = subprocess.Popen([sys.executable, __file__, "faiss-cpu", "--assets", str(data), "--out", str(cpu_json),
+                              "--factory", factory, "--threads", str(threads)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cpu_started = time.perf_counter()
+    gpu_found = None
     if out["gpus"] > 0:
-        res = faiss.StandardGpuResources()
-        co = faiss.GpuClonerOptions()
-        co.useFloat16 = True  # float16 lookup tables: 64 sub-quantisers exceed shared memory in float32
-        cpu_ix = faiss.index_factory(D, factory, faiss.METRIC_INNER_PRODUCT)
-        gix = faiss.index_cpu_to_gpu(res, 0, cpu_ix, co)
-        train_and_add(gix, "gpu")
-        out["gpu"], gpu_found = measure(gix, "gpu", faiss.SearchParametersIVF(nprobe=32))
-        del gix
+        try:
+            import torch
+
+            free0 = torch.cuda.mem_get_info()[0]
+            res = faiss.StandardGpuResources()
+            scratch = 1 << 30
+            res.setTempMemory(scratch)
+            co = faiss.GpuClonerOptions()
+            co.useFloat16 = True  # float16 lookup tables: 64 sub-quantisers exceed shared memory in float32
+            gix = faiss.index_cpu_to_gpu(res, 0, faiss.index_factory(D, factory, faiss.METRIC_INNER_PRODUCT), co)
+            t = time.perf_counter()
+            gix.train(train)
+            out["gpu_train_s"] = round(time.perf_counter() - t, 2)
+            t = time.perf_counter()
+            for s in range(0, n, 1_000_000):
+                gix.add(xb[s:s + 1_000_000])
+            out["gpu_add_s"] = round(time.perf_counter() - t, 2)
+            gix.nprobe = 32  # GpuParameterSpace left it at 1 (recall 0.35 on the first run)
+            out["gpu_nprobe"] = int(gix.nprobe)
+            out["gpu"], gpu_found = faiss_measure(lambda q, k: gix.search(q, k)[1], xq, xb, exact, "gpu", log)
+            # device memory the filled index holds: free memory before the build minus after, less the
+            # fixed scratch space given to faiss (codes are 64 B and ids 8 B per vector)
+            out["gpu"]["bytes_per_vector_on_device"] = round((free0 - torch.cuda.mem_get_info()[0] - scratch) / n, 1)
+            cix = faiss.index_gpu_to_cpu(gix)  # the same trained index and codes, searched by the CPU code
+            prm = faiss.SearchParametersIVF(nprobe=32)
+            out["gpu_built_searched_on_cpu"], cfound = faiss_measure(
+                lambda q, k: cix.search(q, k, params=prm)[1], xq, xb, exact, "GPU-built, CPU search", log)
+            out["same_index_gpu_vs_cpu_top10_overlap"] = round(ann_recall(gpu_found, cfound), 4)
+            del gix, cix
+        except Exception as e:  # report it; the CPU build and the torch exact search still run
+            out["gpu_error"] = repr(e)[-1500:]
+            log(f"  faiss GPU failed: {e!r}")
         save(out)
     import torch
 
@@ -154,28 +218,31 @@ def faiss_section(n: int, nq: int, cpu_deadline_s: float, log=print, save=lambda
         base = torch.from_numpy(xb).to("cuda", torch.float16)
         out["torch_gpu_exact_bytes_per_vector"] = 2 * D
 
-        def gpu_exact(q):
+        def gpu_exact(q, k):
             sc = torch.from_numpy(q).to("cuda", torch.float16) @ base.T
-            return sc.topk(K, dim=1).indices.cpu().numpy()
+            return sc.topk(k, dim=1).indices.cpu().numpy()
 
-        row = qps(gpu_exact)
-        row["recall10"] = round(ann_recall(np.concatenate([gpu_exact(xq[s:s + 100]) for s in range(0, nq, 100)]),
-                                       exact), 4)
-        out["torch_gpu_exact_fp16"] = row
-        log(f"  torch GPU exact (fp16): {row}")
+        out["torch_gpu_exact_fp16"], _ = faiss_measure(
+            lambda q, k: np.concatenate([gpu_exact(q[s:s + 128], k) for s in range(0, len(q), 128)]),
+            xq, xb, exact, "torch GPU exact (fp16)", log)
         del base
         torch.cuda.empty_cache()
         save(out)
-    if time.perf_counter() - t0 < cpu_deadline_s:
-        faiss.omp_set_num_threads(os.cpu_count() or 1)
-        ix = faiss.index_factory(D, factory, faiss.METRIC_INNER_PRODUCT)
-        train_and_add(ix, "cpu")
-        out["cpu_threads"] = faiss.omp_get_max_threads()
-        out["cpu"], cpu_found = measure(ix, "cpu", faiss.SearchParametersIVF(nprobe=32))
-        if "gpu" in out:
+    try:
+        child.wait(timeout=max(1.0, cpu_deadline_s - (time.perf_counter() - cpu_started)))
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+    cpu = json.loads(cpu_json.read_text()) if cpu_json.exists() else {}
+    if child.returncode == 0:
+        out["cpu"] = cpu
+        cpu_found = np.load(cpu_json.with_suffix(".npy"))
+        if gpu_found is not None:
             out["gpu_cpu_top10_overlap"] = round(ann_recall(gpu_found, cpu_found), 4)
     else:
-        out["cpu"] = "skipped: past the deadline"
+        out["cpu"] = {"not finished": f"stopped at the {cpu_deadline_s:.0f} s deadline" if child.returncode in (-9, 137)
+                      else f"exit {child.returncode}: {child.stderr.read()[-1500:]}", **cpu}
+    shutil.rmtree(data, ignore_errors=True)
     return out
 
 
@@ -270,12 +337,94 @@ def sdpa_flop_mapping() -> dict:
     return out
 
 
-def moon_section(assets: Path, dry: bool, log=print) -> dict:
+VARIANTS = ("pad", "compile")
+
+
+def apply_variant(moon, name: str) -> str:
+    """Speed changes that keep the model's output: ``pad`` widens the vision MLP (3,420) to an aligned width
+    with zeros (moonsearch.models.moon.adapters.pad_mlp_width); ``compile`` runs the norms, the vision
+    blocks' MLPs and the experts' MLPs through torch.compile (fused element-wise work)."""
+    import torch
+
+    from moonsearch.models.moon.adapters import pad_mlp_width
+
+    if name == "pad":
+        return f"{pad_mlp_width(moon.adapter.model)} MLPs padded"
+    if name == "compile":
+        n = 0
+        for mod in list(moon.modules()):
+            for attr in ("norm1", "norm2", "mlp", "input_layernorm", "post_attention_layernorm"):
+                sub = getattr(mod, attr, None)
+                if sub is not None and type(sub).__name__ != "GuidedMoE" and not hasattr(sub, "_orig_mod"):
+                    setattr(mod, attr, torch.compile(sub, dynamic=True))
+                    n += 1
+            if type(mod).__name__ == "GuidedMoE":
+                for i, e in enumerate(mod.experts):
+                    if not hasattr(e, "_orig_mod"):
+                        mod.experts[i] = torch.compile(e, dynamic=True)
+                        n += 1
+        return f"{n} modules compiled"
+    raise ValueError(f"unknown variant {name!r} (known: {', '.join(VARIANTS)})")
+
+
+def time_split(moon, forward, inputs, timed, dry: bool) -> dict:
+    """Seconds of one whole forward, and of its vision tower alone, on the same batch."""
+    vis = moon.adapter.model.visual
+    whole = timed(lambda: forward(inputs), 1 if dry else 3)
+    tower = timed(lambda: vis(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]), 1 if dry else 3)
+    return {"forward_s": round(whole, 4), "vision_s": round(tower, 4), "vision_share": round(tower / whole, 3)}
+
+
+KERNEL_KINDS = (("matrix product", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "sm90_", "sm80_", "addmm", "aten::mm", "bmm")),
+                ("attention", ("flash", "fmha", "attention", "attn")),
+                ("copy / gather / scatter", ("copy", "index", "gather", "scatter", "cat", "nonzero")),
+                ("element-wise / reduction", ("elementwise", "reduce", "vectorized", "softmax", "norm", "triton")))
+
+
+def kernel_profile(fn, dev: str, sync) -> dict:
+    """torch.profiler over one call: the device kernels by total time (the top 25 and a summary by kind), the
+    device's busy time against the wall time. On CPU (the dry run) the CPU operators stand in."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        fn()
+        sync()
+    wall = time.perf_counter() - t
+    rows = []
+    for e in prof.key_averages():
+        on_dev = dev == "cuda" and str(getattr(e, "device_type", "")).endswith("CUDA")
+        if dev == "cuda" and not on_dev:
+            continue
+        us = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)) if on_dev \
+            else e.self_cpu_time_total
+        if us > 0:
+            rows.append({"kernel": e.key[:140], "calls": e.count, "ms": round(us / 1e3, 3)})
+    rows.sort(key=lambda r: -r["ms"])
+    busy = sum(r["ms"] for r in rows)
+    kinds: dict[str, float] = {}
+    for r in rows:
+        low = r["kernel"].lower()
+        kind = next((k for k, words in KERNEL_KINDS if any(w in low for w in words)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + r["ms"]
+    return {"wall_ms_profiled": round(wall * 1e3, 1), "busy_ms": round(busy, 1),
+            "summary": {k: round(v / busy, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])} if busy else {},
+            "top": rows[:25], "kernels": len(rows), "launches": sum(r["calls"] for r in rows)}
+
+
+
+def moon_section(assets: Path, dry: bool, log=print, variants: tuple[str, ...] = (), profile: bool = False,
+                 variant_deadline_s: float = 150.0, save=lambda d: None) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from moonsearch.models.moon.tokens import PAD
 
+    started = time.perf_counter()
     dev = "cpu" if dry else "cuda"
     shape = TINY if dry else THREE_B
     dtype = torch.bfloat16
@@ -331,18 +480,24 @@ def moon_section(assets: Path, dry: bool, log=print) -> dict:
             log(f"  FLOP count failed: {e!r}")
             return float("nan")
 
-    rows = []
+    rows, prepared = [], {}
     for bs in shape["batches"]:
-        inputs = moon.adapter.prepare(products(bs, shape["image_size"]))
+        inputs = prepared[bs] = moon.adapter.prepare(products(bs, shape["image_size"]))
         out.setdefault("tokens_per_product", int((inputs["token_types"] != PAD).sum()) // bs)
         with torch.inference_mode():
             f = flops(lambda: forward(inputs))
             s = timed(lambda: forward(inputs), 2 if dry else 5)
-        row = dict(step="encode", batch=bs, products_per_s=round(bs / s, 2), gflop_per_product=round(f / bs / 1e9, 2),
-                   achieved_tflops=round(f / s / 1e12, 4))
+        row = dict(step="encode", batch=bs, variant="as built", products_per_s=round(bs / s, 2),
+                   gflop_per_product=round(f / bs / 1e9, 2), achieved_tflops=round(f / s / 1e12, 4))
         rows.append(row)
         log(f"  encode batch {bs}: {row}")
-        del inputs
+    big, small = prepared[shape["batches"][-1]], prepared[shape["batches"][0]]
+    enc_flops = rows[-1]["gflop_per_product"] * 1e9 * shape["batches"][-1]
+    if profile:
+        with torch.inference_mode():
+            out["split"] = time_split(moon, forward, big, timed, dry)
+            out["profile"] = kernel_profile(lambda: forward(small), dev, sync)
+        log(f"  split: {out['split']}; profile: {out['profile']['summary']}")
     moon.train()
     for p in moon.adapter.model.visual.parameters():
         p.requires_grad_(False)
@@ -357,10 +512,46 @@ def moon_section(assets: Path, dry: bool, log=print) -> dict:
 
     f = flops(step)
     s = timed(step, 2 if dry else 4)
-    row = dict(step="train fwd+bwd", batch=bs, products_per_s=round(bs / s, 2), gflop_per_product=round(f / bs / 1e9, 2),
-               achieved_tflops=round(f / s / 1e12, 4))
+    row = dict(step="train fwd+bwd", batch=bs, variant="as built", products_per_s=round(bs / s, 2),
+               gflop_per_product=round(f / bs / 1e9, 2), achieved_tflops=round(f / s / 1e12, 4))
     rows.append(row)
     log(f"  train batch {bs}: {row}")
+    save(dict(out, rows=rows))
+    applied: list[str] = []
+    for name in variants:  # cumulative: each variant keeps the ones before it
+        t0 = time.perf_counter()
+        if t0 - started > variant_deadline_s:
+            applied.append(f"{name}: skipped ({variant_deadline_s:.0f} s deadline)")
+            log(f"  variant {name} skipped: past the deadline")
+            continue
+        try:
+            applied.append(f"{name}: " + apply_variant(moon, name))
+        except Exception as e:  # a variant that cannot run is reported, the rest still measured
+            applied.append(f"{name}: failed {e!r}")
+            log(f"  variant {name} failed: {e!r}")
+            continue
+        moon.eval()
+        with torch.inference_mode():
+            timed(lambda: forward(big), 1)  # compiles (if any) outside the timing
+            s = timed(lambda: forward(big), 2 if dry else 4)
+        bsz = shape["batches"][-1]
+        r = dict(step="encode", batch=bsz, variant="+".join(v.split(":")[0] for v in applied),
+                 products_per_s=round(bsz / s, 2), gflop_per_product=rows[0]["gflop_per_product"],
+                 achieved_tflops=round(enc_flops / s / 1e12, 4), setup_s=round(time.perf_counter() - t0, 1))
+        moon.train()
+        timed(step, 1)
+        st = timed(step, 2 if dry else 4)
+        rt = dict(row, variant=r["variant"], products_per_s=round(bs / st, 2), achieved_tflops=round(f / st / 1e12, 4))
+        rows += [r, rt]
+        log(f"  variant {r['variant']}: encode {r}; train {rt}")
+        save(dict(out, rows=rows, variants=applied))
+        if profile and name == variants[-1]:
+            moon.eval()
+            with torch.inference_mode():
+                out["split_" + r["variant"]] = time_split(moon, forward, big, timed, dry)
+                out["profile_" + r["variant"]] = kernel_profile(lambda: forward(small), dev, sync)
+            log(f"  profile after {r['variant']}: {out['profile_' + r['variant']]['summary']}")
+    out["variants"] = applied
     if dev == "cuda":
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 1)
     for r in rows:
@@ -371,9 +562,129 @@ def moon_section(assets: Path, dry: bool, log=print) -> dict:
     return out
 
 
+# ---- 3. encoder actors sharing one GPU (issue 14) ----------------------------------------------------------
+def actor(assets: Path, out: Path, barrier: Path, n: int, batch: int, reps: int, dry: bool, variants=()) -> None:
+    """One encoder process, as a Ray actor with ``num_gpus=1/n`` would be: builds the model, warms up, waits
+    until all n are ready, then encodes ``reps`` batches and writes when it started and ended."""
+    import torch
+
+    dev = "cpu" if dry else "cuda"
+    shape = TINY if dry else THREE_B
+    moon = build_moon(assets, shape, dev, torch.bfloat16)
+    for v in variants:
+        apply_variant(moon, v)
+    inputs = moon.adapter.prepare(products(batch, shape["image_size"]))
+
+    def forward():
+        for m in moon.moe_layers:
+            m.token_types = inputs["token_types"]
+        moon.pool(moon.adapter.run(inputs), inputs["token_types"])
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        forward()
+        (barrier / f"ready-{out.stem}").touch()
+        deadline = time.time() + 300
+        while len(list(barrier.glob("ready-*"))) < n and time.time() < deadline:
+            time.sleep(0.05)
+        t0 = time.time()
+        for _ in range(reps):
+            forward()
+        t1 = time.time()
+    mem = round(torch.cuda.max_memory_allocated() / 2 ** 30, 1) if dev == "cuda" else None
+    out.write_text(json.dumps({"start": t0, "end": t1, "products": batch * reps, "peak_memory_gib": mem}))
+
+
+def actors_section(assets: Path, out: Path, procs: list[int], batch: int, reps: int, dry: bool,
+                   variants=(), log=print) -> list[dict]:
+    """Products/s of 1, 2, ... encoder processes on one GPU (all started together; the aggregate counts
+    from the first start to the last end)."""
+    import shutil
+    import tempfile
+
+    rows = []
+    for n in procs:
+        work = Path(tempfile.gettempdir()) / f"moonsearch-actors-{n}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        cmd = lambda i: [sys.executable, __file__, "actor", "--assets", str(assets), "--out", str(work / f"a{i}.json"),  # noqa: E731
+                         "--barrier", str(work), "--actors", str(n), "--batch", str(batch), "--reps", str(reps)] \
+            + (["--dry-run"] if dry else []) + [f"--variant={v}" for v in variants]
+        ps = [subprocess.Popen(cmd(i), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
+        errs = [p.communicate()[1] for p in ps]
+        if any(p.returncode for p in ps):
+            rows.append({"actors": n, "error": next(e for p, e in zip(ps, errs) if p.returncode)[-2000:]})
+            log(f"  {n} actors: failed\n{rows[-1]['error']}")
+            continue
+        res = [json.loads((work / f"a{i}.json").read_text()) for i in range(n)]
+        span = max(r["end"] for r in res) - min(r["start"] for r in res)
+        total = sum(r["products"] for r in res)
+        rows.append({"actors": n, "batch": batch, "products_per_s": round(total / span, 2),
+                     "per_actor": [round(r["products"] / (r["end"] - r["start"]), 2) for r in res],
+                     "peak_memory_gib_each": [r["peak_memory_gib"] for r in res]})
+        log(f"  {n} actor(s) on one device: {rows[-1]}")
+    if rows and "products_per_s" in rows[0]:
+        for r in rows[1:]:
+            if "products_per_s" in r:
+                r["vs_one"] = round(r["products_per_s"] / rows[0]["products_per_s"], 3)
+    return rows
+
+
+
+# ---- faiss-gpu for a CUDA 13 machine, packed here ------------------------------------------------------
+FAISS_GPU_WHEELS = ("faiss-gpu==1.15.1", "nvidia-cuda-runtime-cu12==12.9.79")
+
+
+def pack_faiss(out: Path, part_mb: int, wheels: Path) -> list[Path]:
+    """faiss-gpu's package and CUDA 12's runtime as one xz tar in pieces of ``part_mb`` MB, for
+    benchmarks/gpu_shim/setup.sh on the GPU machine (which has no package index). faiss-gpu 1.15.1 carries
+    sm_90 PTX (the earlier faiss-gpu-cu12 wheels had machine code for sm_60/70/80 only)."""
+    import shutil
+    import tempfile
+    import zipfile
+
+    wheels.mkdir(parents=True, exist_ok=True)
+    plat = [f"--platform={p}" for p in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
+                                         "manylinux2014_x86_64")]
+    for spec in FAISS_GPU_WHEELS:
+        name = spec.split("==")[0].replace("-", "_")
+        if not list(wheels.glob(f"{name}-{spec.split('==')[1]}-*.whl")):
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                            "--python-version=3.12", "--implementation=cp", *plat, "-d", str(wheels), spec], check=True)
+    work = Path(tempfile.mkdtemp(prefix="faissgpu-"))
+    try:
+        with zipfile.ZipFile(next(wheels.glob("faiss_gpu-*.whl"))) as z:
+            z.extractall(work, [m for m in z.namelist() if m.startswith(("faiss/", "faiss_gpu.libs/"))])
+        with zipfile.ZipFile(next(wheels.glob("nvidia_cuda_runtime_cu12-*.whl"))) as z:
+            (work / "cu12").mkdir()
+            (work / "cu12" / "libcudart.so.12").write_bytes(z.read("nvidia/cuda_runtime/lib/libcudart.so.12"))
+        for f in work.rglob("*.so*"):
+            f.chmod(0o755)
+        out.mkdir(parents=True, exist_ok=True)
+        for old in out.glob("faiss-gpu.tar.xz.*"):
+            old.unlink()
+        tar = subprocess.Popen(["tar", "-cf", "-", "faiss", "faiss_gpu.libs", "cu12"], cwd=work, stdout=subprocess.PIPE)
+        subprocess.run(["xz", "-9", "-T0"], stdin=tar.stdout, stdout=(out / "faiss-gpu.tar.xz.tmp").open("wb"),
+                       check=True)
+        if tar.wait():
+            raise RuntimeError("tar failed")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    whole = out / "faiss-gpu.tar.xz.tmp"
+    parts, size = [], part_mb * 1_000_000
+    with whole.open("rb") as f:
+        while chunk := f.read(size):
+            parts.append(out / f"faiss-gpu.tar.xz.{len(parts):02d}")
+            parts[-1].write_bytes(chunk)
+    whole.unlink()
+    return parts
+
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["prepare", "run", "faiss"])
+    ap.add_argument("what", choices=["prepare", "run", "faiss", "faiss-cpu", "actors", "actor", "pack-faiss"])
     ap.add_argument("--assets", type=Path, default=Path(".gpucheck"))
     ap.add_argument("--out", type=Path, default=Path("bench-out/gpu"))
     ap.add_argument("--n", type=int, default=10_000_000)
@@ -381,10 +692,38 @@ def main() -> None:
     ap.add_argument("--cpu-deadline", type=float, default=200.0, help="skip the CPU faiss build after this many s")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: checks the script, not the GPU")
     ap.add_argument("--skip", action="append", default=[], choices=["faiss", "moon"])
+    ap.add_argument("--variant", action="append", default=[], choices=VARIANTS,
+                    help="after the rows as built, measure again with these speed changes (cumulative)")
+    ap.add_argument("--profile", action="store_true", help="kernel profile and vision/LLM split of one forward")
+    ap.add_argument("--actors", type=int, action="append", default=[],
+                    help="actors: encoder processes sharing the device (repeat: 1, 2, ...)")
+    ap.add_argument("--batch", type=int, default=0, help="actors: batch per process (default: the first batch size)")
+    ap.add_argument("--reps", type=int, default=6, help="actors: batches each process encodes")
+    ap.add_argument("--barrier", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--part-mb", type=int, default=34, help="pack-faiss: size of each piece")
+    ap.add_argument("--wheels", type=Path, default=Path("bench-out/wheels"), help="pack-faiss: wheel folder")
+    ap.add_argument("--factory", help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.what == "pack-faiss":
+        for part in pack_faiss(a.out, a.part_mb, a.wheels):
+            print(part, part.stat().st_size)
+        return
+    if a.what == "faiss-cpu":  # a child of the faiss part: --assets is the data folder, --out the JSON
+        cpu_build(a.assets, a.factory, a.out, a.threads)
+        return
+    if a.what == "actor":
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        actor(a.assets, a.out, a.barrier, a.actors[0], a.batch, a.reps, a.dry_run, a.variant)
+        return
     a.out.mkdir(parents=True, exist_ok=True)
     if a.what == "prepare":
         prepare(a.assets)
+        return
+    if a.what == "actors":
+        batch = a.batch or (TINY if a.dry_run else THREE_B)["batches"][0]
+        rows = actors_section(a.assets, a.out, a.actors or [1, 2], batch, a.reps, a.dry_run, a.variant)
+        (a.out / "gpu-actors.json").write_text(json.dumps({"variants": a.variant, "rows": rows}, indent=1))
         return
     if a.what == "faiss":  # a child process: a faiss GPU failure cannot take the MOON part down with it
         save = lambda d: (a.out / "faiss.json").write_text(json.dumps(d, indent=1))  # noqa: E731
@@ -403,7 +742,8 @@ def main() -> None:
     if "moon" not in a.skip:  # first: the faiss half has a deadline of its own
         t = time.time()
         try:
-            report["moon"] = moon_section(a.assets, a.dry_run)
+            report["moon"] = moon_section(a.assets, a.dry_run, variants=tuple(a.variant), profile=a.profile,
+                                          save=lambda d: path.write_text(json.dumps(dict(report, moon=d), indent=1)))
         except Exception as e:  # report what broke; the faiss half still runs
             import traceback
 

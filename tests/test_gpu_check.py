@@ -14,7 +14,8 @@ def test_gpu_check_dry_run_measures_faiss_and_moon(tmp_path):
     script = ROOT / "benchmarks" / "gpu_check.py"
     subprocess.run([sys.executable, script, "prepare", "--assets", tmp_path / "assets"], check=True, cwd=ROOT)
     p = subprocess.run([sys.executable, script, "run", "--assets", tmp_path / "assets", "--out", tmp_path / "out",
-                        "--dry-run"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+                        "--dry-run", "--variant", "pad", "--profile"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     rep = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
     f = rep["faiss"]
@@ -24,7 +25,28 @@ def test_gpu_check_dry_run_measures_faiss_and_moon(tmp_path):
     m = rep["moon"]
     assert "error" not in m, m.get("trace")
     assert m["moe_layers"] == 2 and m["tokens_per_product"] > 4 * 16  # 4 pictures of 16 merged patches + text
-    steps = [(r["step"], r["batch"]) for r in m["rows"]]
-    assert steps == [("encode", 2), ("encode", 4), ("train fwd+bwd", 2)]
+    steps = [(r["step"], r["batch"], r["variant"]) for r in m["rows"]]
+    assert steps == [("encode", 2, "as built"), ("encode", 4, "as built"), ("train fwd+bwd", 2, "as built"),
+                     ("encode", 4, "pad"), ("train fwd+bwd", 2, "pad")]
     for r in m["rows"]:
         assert r["products_per_s"] > 0 and r["gflop_per_product"] > 0
+    assert m["variants"] == ["pad: 2 MLPs padded"]  # the tiny vision MLPs are 60 wide
+    assert 0 < m["split"]["vision_share"] < 1
+    prof = m["profile"]
+    assert prof["top"] and prof["busy_ms"] > 0 and abs(sum(prof["summary"].values()) - 1) < 0.01
+    assert "matrix product" in prof["summary"]
+
+
+@pytest.mark.slow  # ~15 s: three interpreters each build the tiny model
+def test_gpu_check_actors_share_a_device(tmp_path):
+    """The actors-per-GPU check starts 1 and then 2 encoder processes together and adds up what they encoded."""
+    script = ROOT / "benchmarks" / "gpu_check.py"
+    subprocess.run([sys.executable, script, "prepare", "--assets", tmp_path / "assets"], check=True, cwd=ROOT)
+    p = subprocess.run([sys.executable, script, "actors", "--assets", tmp_path / "assets", "--out", tmp_path,
+                        "--dry-run", "--actors", "1", "--actors", "2", "--reps", "2"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = json.loads((tmp_path / "gpu-actors.json").read_text())["rows"]
+    assert [r["actors"] for r in rows] == [1, 2] and all("error" not in r for r in rows), rows
+    assert len(rows[1]["per_actor"]) == 2 and all(v > 0 for v in rows[1]["per_actor"])
+    assert rows[1]["products_per_s"] > 0 and rows[1]["vs_one"] > 0

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 13 and 14, as commands for a lent GPU machine (benchmarks/README, "GPU check").
+# Prepare here: `python benchmarks/gpu_check.py prepare --assets .gpucheck` (tokenizer + image processor) and
+# `python benchmarks/gpu_check.py pack-faiss --out .devpay` (faiss-gpu in pieces of at most 34 MB).
+#
+#   bash benchmarks/gpu_run.sh moon OUT            MOON speed variants + kernel profile, then 1 vs 2 encoder actors
+#   bash benchmarks/gpu_run.sh faiss OUT PART...   faiss-gpu at 10M against the CPU build (PART: the pieces)
+set -u
+stage=$1
+out=$2
+shift 2
+mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+case $stage in
+moon)
+    timeout 210 python3 benchmarks/gpu_check.py run --assets .gpucheck --out "$out" --skip faiss \
+        --variant pad --variant compile --profile 2>&1 | grep -v -i warn | tee "$out/moon.log" | tail -40
+    timeout 120 python3 benchmarks/gpu_check.py actors --assets .gpucheck --out "$out" --actors 1 --actors 2 \
+        --variant pad 2>&1 | grep -v -i warn | tail -20
+    ;;
+faiss)
+    for part in "$@"; do [ -f "$part" ] || { echo "missing piece $part"; exit 1; }; done
+    source benchmarks/gpu_shim/setup.sh "$@" || exit 1
+    export CUDA_CACHE_MAXSIZE=4294967296
+    python3 -c "import faiss; print('faiss', faiss.__version__, 'GPUs seen:', faiss.get_num_gpus())" || exit 1
+    timeout 330 python3 benchmarks/gpu_check.py run --assets .gpucheck --out "$out" --skip moon --cpu-deadline 240 \
+        2>&1 | grep -v -i warn | tee "$out/faiss.log" | tail -60
+    ;;
+*)
+    echo "usage: gpu_run.sh moon|faiss OUT [PART...]"
+    exit 2
+    ;;
+esac

@@ -102,7 +102,13 @@ def build(xb: np.ndarray, ids: np.ndarray, factory: str, p: IndexParams, seed: i
     index = faiss.index_factory(xb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     work = index
     if gpu_available() and factory.startswith("IVF"):
-        work = faiss.index_cpu_to_all_gpus(index)
+        co = faiss.GpuMultipleClonerOptions()
+        # float16 lookup tables: 64 sub-quantisers' float32 tables exceed a block's shared memory. They
+        # serve searches only, so the trained index and its codes are the same; measured on an H200 with
+        # faiss-gpu 1.15.1 (train + add of 10M on the GPU, copied back: the CPU search of the copy finds
+        # 99.5% of the GPU's top 10). IVF-Flat keeps float32 storage.
+        co.useFloat16 = ",PQ" in factory
+        work = faiss.index_cpu_to_all_gpus(index, co=co)
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         m = train_points(factory, len(xb), p)

@@ -116,6 +116,27 @@ def _mlp_state_padded(mod, state, prefix, *args) -> None:
         state[key] = torch.cat([t, t.new_zeros(t.shape[0], extra)], 1)
 
 
+def _resize_mlp(mod: nn.Module, width: int) -> None:
+    """Set a gated MLP's hidden width: new rows of ``gate_proj`` / ``up_proj`` and columns of ``down_proj``
+    are zeros, and a smaller width drops the last ones."""
+    def fit(t: torch.Tensor, dim: int) -> torch.Tensor:
+        have = t.shape[dim]
+        if have >= width:
+            return t.narrow(dim, 0, width).clone()
+        shape = list(t.shape)
+        shape[dim] = width - have
+        return torch.cat([t, t.new_zeros(shape)], dim)
+
+    with torch.no_grad():
+        for lin, dim in ((mod.gate_proj, 0), (mod.up_proj, 0), (mod.down_proj, 1)):
+            lin.weight = nn.Parameter(fit(lin.weight, dim), requires_grad=lin.weight.requires_grad)
+            if dim == 0 and lin.bias is not None:
+                lin.bias = nn.Parameter(fit(lin.bias, 0), requires_grad=lin.bias.requires_grad)
+    mod.gate_proj.out_features = mod.up_proj.out_features = mod.down_proj.in_features = width
+    if hasattr(mod, "intermediate_size"):
+        mod.intermediate_size = width
+
+
 def pad_mlp_width(model: nn.Module, multiple: int = 64) -> int:
     """Widen every gated MLP (``gate_proj`` / ``up_proj`` / ``down_proj``) whose hidden width is not a multiple
     of ``multiple`` with zero rows and columns; returns the MLPs padded.
@@ -132,25 +153,11 @@ def pad_mlp_width(model: nn.Module, multiple: int = 64) -> int:
         g, u, d = (getattr(mod, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
         if not all(isinstance(x, nn.Linear) for x in (g, u, d)) or g.out_features % multiple == 0:
             continue
-        width = -(-g.out_features // multiple) * multiple
-        extra = width - g.out_features
         if not hasattr(mod, "_moonsearch_width"):
             mod._moonsearch_width = g.out_features
             mod._moonsearch_hooks = (mod.register_state_dict_post_hook(_mlp_state_unpadded),
                                      mod.register_load_state_dict_pre_hook(_mlp_state_padded))
-        with torch.no_grad():
-            for lin in (g, u):
-                lin.weight = nn.Parameter(torch.cat([lin.weight, lin.weight.new_zeros(extra, lin.in_features)]),
-                                          requires_grad=lin.weight.requires_grad)
-                if lin.bias is not None:
-                    lin.bias = nn.Parameter(torch.cat([lin.bias, lin.bias.new_zeros(extra)]),
-                                            requires_grad=lin.bias.requires_grad)
-                lin.out_features = width
-            d.weight = nn.Parameter(torch.cat([d.weight, d.weight.new_zeros(d.out_features, extra)], 1),
-                                    requires_grad=d.weight.requires_grad)
-            d.in_features = width
-        if hasattr(mod, "intermediate_size"):
-            mod.intermediate_size = width
+        _resize_mlp(mod, -(-g.out_features // multiple) * multiple)
         done += 1
     return done
 
@@ -160,20 +167,9 @@ def unpad_mlp_width(model: nn.Module) -> int:
     sharded saves never meet the padding); returns the MLPs restored."""
     done = 0
     for mod in model.modules():
-        w = getattr(mod, "_moonsearch_width", None)
-        if w is None:
+        if getattr(mod, "_moonsearch_width", None) is None:
             continue
-        with torch.no_grad():
-            for lin in (mod.gate_proj, mod.up_proj):
-                lin.weight = nn.Parameter(lin.weight[:w].clone(), requires_grad=lin.weight.requires_grad)
-                if lin.bias is not None:
-                    lin.bias = nn.Parameter(lin.bias[:w].clone(), requires_grad=lin.bias.requires_grad)
-                lin.out_features = w
-            d = mod.down_proj
-            d.weight = nn.Parameter(d.weight[:, :w].clone(), requires_grad=d.weight.requires_grad)
-            d.in_features = w
-        if hasattr(mod, "intermediate_size"):
-            mod.intermediate_size = w
+        _resize_mlp(mod, mod._moonsearch_width)
         for h in mod._moonsearch_hooks:
             h.remove()
         del mod._moonsearch_width, mod._moonsearch_hooks

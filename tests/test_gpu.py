@@ -77,3 +77,31 @@ def test_an_ivfpq_index_trained_and_filled_on_the_gpu_comes_back_as_a_cpu_index(
         return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(reranked, exact)])
 
     assert recall(index) >= recall(cpu) - 0.05 and recall(index) > 0.7, (recall(index), recall(cpu))
+
+
+def test_the_streaming_build_trains_and_assigns_lists_on_the_gpu(tmp_path):
+    """`moonsearch index --vectors` (the shared layout of large sets) trains its quantizer and assigns the
+    coarse lists on the GPU: no fallback warning may fire, and the index must answer like the CPU build
+    (tests/test_shared_index.py holds the same recall bar)."""
+    import warnings
+
+    from test_shared_index import _exact, _ids
+
+    from moonsearch.data.synthetic import generate_vectors
+    from moonsearch.eval.metrics import ann_recall
+    from moonsearch.index import faiss_backend as fb
+    from moonsearch.index.index_set import IndexSet
+    from moonsearch.index.multi import multi_search
+    from moonsearch.index.stream import build_from_vectors
+
+    assert fb.gpu_available(), "faiss sees no GPU: on a GPU machine install '.[gpu]'"
+    world = tmp_path / "w"
+    generate_vectors(world, 30000, dim=64, n_queries=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a GPU step that fell back to the CPU fails the test
+        build_from_vectors(world / "catalog.parquet", world / "vectors.npy", tmp_path / "idx", chunk=5000,
+                           log=lambda m: None)
+    iset = IndexSet.load(tmp_path / "idx")
+    cats = [iset.categories[s] for s in sorted(iset.categories)]
+    xb, xq = np.load(world / "vectors.npy"), np.load(world / "queries.npy")
+    assert ann_recall(_ids(multi_search(cats, xq, 10), cats), _exact(xb, xq, 10)) >= 0.95

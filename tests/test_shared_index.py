@@ -271,3 +271,54 @@ def test_indexer_uses_the_shared_layout_for_large_sets(tmp_path, clip_tiny):
     svc = SearchService(tmp_path / "index", encoder=clip_tiny)
     assert svc.search("orange umbrella deluxe", k=3, mode="lexical").hits[0].item_id == "X1"
     assert "X1" in [h.item_id for h in svc.search("orange umbrella deluxe", k=10, mode="vector").hits]
+
+
+def test_lists_assigned_outside_the_index_give_sa_encodes_codes(world, built, monkeypatch):
+    """The streaming build assigns coarse lists with a flat index over the centroids, on the GPU where faiss
+    sees one (this machine has none: a CPU flat index stands in for the GPU copy). Its codes must be
+    sa_encode's byte for byte, the build must answer as before, and an assigner that disagrees with the CPU
+    is dropped with a warning instead of writing wrong lists."""
+    import types
+
+    import faiss
+
+    out, _ = built
+    template = IndexSet.load(out).shared.template
+    x = np.array(np.load(world / "vectors.npy", mmap_mode="r")[:3000], np.float32)  # a copy: normalised in place
+    faiss.normalize_L2(x)
+    flat = fb.coarse_assigner(template, check=x, gpu=False)
+    assert flat is not None and flat.ntotal == faiss.extract_index_ivf(template).nlist
+    assert np.array_equal(fb.ivf_encode(template, x, flat), template.sa_encode(x))
+
+    # the GPU control flow with CPU stand-ins: the "GPU copy" is the index itself, trained and assigning
+    monkeypatch.setattr(fb, "gpu_available", lambda: True)
+    monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", lambda: types.SimpleNamespace(), raising=False)
+    monkeypatch.setattr(faiss, "index_gpu_to_cpu", lambda index: index, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda index, co=None: index)
+    again = out.parent / "again"
+    build_from_vectors(world / "catalog.parquet", world / "vectors.npy", again, chunk=1000, log=lambda m: None)
+    xq = np.load(world / "queries.npy")[:20].astype(np.float32)
+    hits = []
+    for folder in (out, again):
+        iset = IndexSet.load(folder)
+        cats = [iset.categories[s] for s in sorted(iset.categories)]
+        hits.append(_ids(multi_search(cats, xq, 10), cats))
+    assert np.array_equal(hits[0], hits[1])
+
+    def shuffled(index, co=None):  # a copy whose lists are numbered differently
+        bad = faiss.IndexFlat(index.d, index.metric_type)
+        bad.add(index.reconstruct_n(0, index.ntotal)[::-1].copy())
+        return bad
+
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", shuffled)
+    with pytest.warns(UserWarning, match="the CPU assigns instead"):
+        assert fb.coarse_assigner(template, check=x) is None
+
+    def broken(index, co=None):
+        raise RuntimeError("CUDA error 209 no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", broken)
+    fresh = faiss.index_factory(x.shape[1], "IVF16,PQ8np", faiss.METRIC_INNER_PRODUCT)
+    with pytest.warns(UserWarning, match="training on the CPU instead"):
+        trained = fb.train_on_device(fresh, x)
+    assert trained.is_trained

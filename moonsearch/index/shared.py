@@ -76,7 +76,7 @@ class SharedQuantizer:
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.seed = seed
-        index.train(sample)
+        index = fb.train_on_device(index, sample)
         blob = fb.serialize(index)
         infos = {"factory": factory, "dim": d, "metric": "inner_product", "trained_on": int(len(sample)),
                  "for_items": int(n_total), "id": hashlib.sha1(blob).hexdigest()[:16],

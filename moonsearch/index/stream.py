@@ -151,6 +151,7 @@ def build_from_vectors(catalog_path: Path, vectors_path: Path, out: Path, params
     starts = list(range(0, n, chunk))
     tick = progress(n) if progress else None
     t = time.time()
+    assign, checked = None, False  # lists assigned on the GPU where faiss sees one (checked on the first chunk)
     for i, s in enumerate(starts):
         marker = work / f"chunk-{i:05d}.npz"
         e = min(n, s + chunk)
@@ -161,7 +162,9 @@ def build_from_vectors(catalog_path: Path, vectors_path: Path, out: Path, params
         sel = rows[(rows >= s) & (rows < e)]
         x = np.ascontiguousarray(vectors[sel], np.float32)
         faiss.normalize_L2(x)
-        codes = shared.template.sa_encode(x)
+        if not checked:
+            assign, checked = fb.coarse_assigner(shared.template, check=x[:2048]), True
+        codes = fb.ivf_encode(shared.template, x, assign)
         cs = cat[sel]
         for c in np.unique(cs):
             m = cs == c

@@ -243,6 +243,81 @@ def faiss_section(n: int, nq: int, cpu_deadline_s: float, log=print, save=lambda
     return out
 
 
+# ---- 1b. moonsearch's own large-set build on the GPU -------------------------------------------------
+def stream_build(data: Path, out: Path, gpu: bool) -> None:
+    """A child process: ``moonsearch index --vectors`` (the shared layout) of the world in ``data``, with the
+    GPU switched off when ``gpu`` is False; writes out/build.json (seconds, and any fallback warning)."""
+    import warnings
+
+    from moonsearch.index import faiss_backend as fb
+    from moonsearch.index.stream import build_from_vectors
+
+    if not gpu:
+        fb.gpu_available = lambda: False
+    t = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_from_vectors(data / "catalog.parquet", data / "vectors.npy", out, log=lambda m: None)
+    (out / "build.json").write_text(json.dumps({"build_s": round(time.perf_counter() - t, 2), "gpu_used": gpu and fb.gpu_available(),
+                                               "warnings": [str(w.message)[:300] for w in caught]}))
+
+
+def stream_section(n: int, nq: int, cpu_deadline_s: float, log=print) -> dict:
+    """``moonsearch index --vectors`` on n vectors of the vectors-only world, once on the GPU (where faiss
+    sees one) and once on the CPU (stopped at ``cpu_deadline_s``): build seconds, recall@10 of an unrouted
+    search against exact, its p50, and the top-10 overlap of the two builds."""
+    import shutil
+    import tempfile
+
+    from moonsearch.data.synthetic import generate_vectors
+    from moonsearch.eval.metrics import ann_recall
+    from moonsearch.index import faiss_backend as fb
+    from moonsearch.index.index_set import IndexSet
+    from moonsearch.index.multi import multi_search
+
+    root = Path(tempfile.mkdtemp(prefix="moonsearch-stream-"))
+    out: dict = {"n": n, "queries": nq}
+    try:
+        t = time.perf_counter()
+        generate_vectors(root / "w", n, dim=D, n_queries=nq)
+        out["generate_s"] = round(time.perf_counter() - t, 1)
+        xb, xq = np.load(root / "w" / "vectors.npy", mmap_mode="r"), np.load(root / "w" / "queries.npy")
+        exact = exact_knn(np.array(xb), xq, K)  # a writable copy for torch
+        found = {}
+        for name in (["gpu"] if fb.gpu_available() else []) + ["cpu"]:
+            cmd = [sys.executable, __file__, "stream-build", "--assets", str(root / "w"), "--out", str(root / name)]
+            try:
+                p = subprocess.run(cmd + (["--dry-run"] if name == "cpu" else []), capture_output=True, text=True,
+                                   timeout=cpu_deadline_s if name == "cpu" else None)
+            except subprocess.TimeoutExpired:
+                out[name] = {"not finished": f"stopped at the {cpu_deadline_s:.0f} s deadline"}
+                continue
+            if p.returncode:
+                out[name] = {"error": p.stderr[-1500:]}
+                continue
+            row = json.loads((root / name / "build.json").read_text())
+            iset = IndexSet.load(root / name)
+            cats = [iset.categories[c] for c in sorted(iset.categories)]
+            ids = [np.array([int(x[1:]) for x in c.meta.column("item_id").to_pylist()]) for c in cats]
+            multi_search(cats, xq[:10], K)  # warm
+            times, hits = [], []
+            for q in xq:
+                t = time.perf_counter()
+                h = multi_search(cats, q[None], K)[0]
+                times.append(time.perf_counter() - t)
+                hits.append([ids[c][r] for _, c, r in h] + [-1] * (K - len(h)))
+            found[name] = np.array(hits)
+            row.update(recall10=round(ann_recall(found[name], exact), 4), p50_ms=round(1e3 * float(np.median(times)), 3))
+            out[name] = row
+            log(f"  moonsearch index --vectors, {name}: {row}")
+        if len(found) == 2:
+            out["gpu_cpu_top10_overlap"] = round(ann_recall(found["gpu"], found["cpu"]), 4)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+
 # ---- 2. MOON on a Qwen2.5-VL-3B-shaped backbone -------------------------------------------------------
 def prepare(assets: Path) -> None:
     """Tokenizer (MiniLM's WordPiece + the vision tokens) and a Qwen2-VL image processor that keeps 448 px."""
@@ -681,7 +756,8 @@ def pack_faiss(out: Path, part_mb: int, wheels: Path) -> list[Path]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["prepare", "run", "faiss", "faiss-cpu", "actors", "actor", "pack-faiss"])
+    ap.add_argument("what", choices=["prepare", "run", "faiss", "faiss-cpu", "stream", "stream-build", "actors", "actor",
+                                     "pack-faiss"])
     ap.add_argument("--assets", type=Path, default=Path(".gpucheck"))
     ap.add_argument("--out", type=Path, default=Path("bench-out/gpu"))
     ap.add_argument("--n", type=int, default=10_000_000)
@@ -705,6 +781,16 @@ def main() -> None:
     if a.what == "pack-faiss":
         for part in pack_faiss(a.out, a.part_mb, a.wheels):
             print(part, part.stat().st_size)
+        return
+    if a.what == "stream-build":  # a child of `stream`: --assets is the world, --out the index; --dry-run: no GPU
+        stream_build(a.assets, a.out, gpu=not a.dry_run)
+        return
+    if a.what == "stream":  # moonsearch's own --vectors build, GPU against CPU
+        res = stream_section(6000 if a.dry_run else a.n, min(a.queries, 100) if a.dry_run else a.queries,
+                             a.cpu_deadline)
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "gpu-stream.json").write_text(json.dumps(res, indent=1))
+        print(json.dumps(res, indent=1))
         return
     if a.what == "faiss-cpu":  # a child of the faiss part: --assets is the data folder, --out the JSON
         cpu_build(a.assets, a.factory, a.out, a.threads)

@@ -5,6 +5,8 @@
 #
 #   bash benchmarks/gpu_run.sh moon OUT            MOON speed variants + kernel profile, then 1 vs 2 encoder actors
 #   bash benchmarks/gpu_run.sh faiss OUT PART...   faiss-gpu at 10M against the CPU build (PART: the pieces)
+#   bash benchmarks/gpu_run.sh build OUT PART...   moonsearch's own GPU index builds: their gpu tests, then
+#                                                  `moonsearch index --vectors` at 2M on the GPU and the CPU
 set -u
 stage=$1
 out=$2
@@ -27,8 +29,16 @@ faiss)
     timeout 330 python3 benchmarks/gpu_check.py run --assets .gpucheck --out "$out" --skip moon --cpu-deadline 240 \
         2>&1 | grep -v -i warn | tee "$out/faiss.log" | tail -60
     ;;
+build)
+    for part in "$@"; do [ -f "$part" ] || { echo "missing piece $part"; exit 1; }; done
+    source benchmarks/gpu_shim/setup.sh "$@" || exit 1
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "ivfpq or streaming" 2>&1 \
+        | tail -15
+    timeout 400 python3 benchmarks/gpu_check.py stream --out "$out" --n 2000000 --queries 300 --cpu-deadline 240 \
+        2>&1 | grep -v -i warn | tee "$out/stream.log" | tail -40
+    ;;
 *)
-    echo "usage: gpu_run.sh moon|faiss OUT [PART...]"
+    echo "usage: gpu_run.sh moon|faiss|build OUT [PART...]"
     exit 2
     ;;
 esac

@@ -50,3 +50,18 @@ def test_gpu_check_actors_share_a_device(tmp_path):
     assert [r["actors"] for r in rows] == [1, 2] and all("error" not in r for r in rows), rows
     assert len(rows[1]["per_actor"]) == 2 and all(v > 0 for v in rows[1]["per_actor"])
     assert rows[1]["products_per_s"] > 0 and rows[1]["vs_one"] > 0
+
+
+@pytest.mark.slow  # ~15 s: generates a small vectors-only world and builds it in a child process
+def test_gpu_check_times_moonsearchs_own_vectors_build(tmp_path):
+    """The `stream` check builds `moonsearch index --vectors` in a child process per device and searches it
+    against exact; on CPU only the CPU build runs, and it must find the exact neighbours."""
+    script = ROOT / "benchmarks" / "gpu_check.py"
+    p = subprocess.run([sys.executable, script, "stream", "--out", tmp_path, "--dry-run"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rep = json.loads((tmp_path / "gpu-stream.json").read_text())
+    assert "gpu" not in rep and rep["n"] == 6000
+    cpu = rep["cpu"]
+    assert cpu["gpu_used"] is False and cpu["warnings"] == [] and cpu["build_s"] > 0
+    assert cpu["recall10"] >= 0.95 and cpu["p50_ms"] > 0

@@ -415,27 +415,16 @@ VARIANTS = ("pad", "compile")
 def apply_variant(moon, name: str) -> str:
     """Speed changes that keep the model's output: ``pad`` widens the vision MLP (3,420) to an aligned width
     with zeros (moonsearch.models.moon.adapters.pad_mlp_width); ``compile`` runs the norms, the vision
-    blocks' MLPs and the experts' MLPs through torch.compile (fused element-wise work)."""
-    import torch
-
+    blocks' MLPs and the experts' MLPs through torch.compile in place (``compile_for_inference``; the
+    2026-11-27 figures used the torch.compile wrapper of the same modules)."""
     from moonsearch.models.moon.adapters import pad_mlp_width
 
     if name == "pad":
         return f"{pad_mlp_width(moon.adapter.model)} MLPs padded"
-    if name == "compile":
-        n = 0
-        for mod in list(moon.modules()):
-            for attr in ("norm1", "norm2", "mlp", "input_layernorm", "post_attention_layernorm"):
-                sub = getattr(mod, attr, None)
-                if sub is not None and type(sub).__name__ != "GuidedMoE" and not hasattr(sub, "_orig_mod"):
-                    setattr(mod, attr, torch.compile(sub, dynamic=True))
-                    n += 1
-            if type(mod).__name__ == "GuidedMoE":
-                for i, e in enumerate(mod.experts):
-                    if not hasattr(e, "_orig_mod"):
-                        mod.experts[i] = torch.compile(e, dynamic=True)
-                        n += 1
-        return f"{n} modules compiled"
+    if name == "compile":  # what MoonEncoder does on CUDA with MOONSEARCH_COMPILE=1
+        from moonsearch.models.moon.adapters import compile_for_inference
+
+        return f"{compile_for_inference(moon)} modules compiled"
     raise ValueError(f"unknown variant {name!r} (known: {', '.join(VARIANTS)})")
 
 

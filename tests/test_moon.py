@@ -376,6 +376,30 @@ def test_padding_mlp_widths_keeps_the_outputs_and_the_padding_untrained(tmp_path
     assert unpad_mlp_width(padded) == 0
 
 
+@pytest.mark.slow  # ~30 s of torch.compile on 2 cores
+def test_compiling_for_inference_keeps_the_vectors_and_the_checkpoint_names(moon_tiny):
+    """MOONSEARCH_COMPILE=1 compiles the norms and MLPs in place on CUDA: the encoding must not move, the
+    state_dict must keep its names (a torch.compile wrapper would add `_orig_mod.`), and uncompile (what
+    the trainer calls) must restore every module."""
+    from moonsearch.models.moon.adapters import compile_for_inference, uncompile
+
+    model = moon_tiny.model
+    batch = [product_segments("red shoe", ["apparel", "shoes"], {"colour": "red"}, [RED], None)]
+    with torch.no_grad():
+        before = model(batch)[0]
+    keys = list(model.state_dict())
+    n = compile_for_inference(model)
+    try:
+        assert n > 0 and compile_for_inference(model) == 0
+        with torch.no_grad():
+            after = model(batch)[0]
+        assert torch.allclose(before, after, atol=1e-5), float((before - after).abs().max())
+        assert list(model.state_dict()) == keys
+    finally:
+        assert uncompile(model) == n
+    assert uncompile(model) == 0
+
+
 def test_the_cached_smollm2_copy_loads_whole_as_moon_minis_base_model():
     """moon-mini's LM is a copy of the packaged GGUF, written into the cache on first use. The base model
     that moon-mini loads must find every weight in it: a missing one (SmolLM2's embedding table is tied

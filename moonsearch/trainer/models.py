@@ -119,9 +119,10 @@ class MoonTrainable(Trainable):
             if cfg.trainable == "experts+lora" and cfg.lora_rank and not self.encoder.cfg.lora_rank:
                 apply_lora(self.encoder.model, cfg.lora_rank)
                 self.encoder.model.cfg = self.encoder.cfg = replace(self.encoder.cfg, lora_rank=cfg.lora_rank)
-        from moonsearch.models.moon.adapters import unpad_mlp_width
+        from moonsearch.models.moon.adapters import uncompile, unpad_mlp_width
 
         unpad_mlp_width(self.encoder.model)  # trained at the checkpoint's own shapes (the encoder pads on GPUs)
+        uncompile(self.encoder.model)  # MOONSEARCH_COMPILE is for encoding: it slowed training steps
         self.module = self.encoder.model.to(device)
         self.served = cfg.served_loss
         self.dim = self.served_dim(self.module.dim)

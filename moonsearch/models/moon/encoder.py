@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -176,9 +177,11 @@ class MoonEncoder(Encoder):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
         if str(self.device).startswith("cuda"):  # aligned MLP widths for the GPU's fast matrix kernels; the
-            from moonsearch.models.moon.adapters import pad_mlp_width  # outputs and checkpoints stay the same
+            from moonsearch.models.moon.adapters import compile_for_inference, pad_mlp_width  # outputs and
 
-            pad_mlp_width(self.model)
+            pad_mlp_width(self.model)  # checkpoints stay the same
+            if os.environ.get("MOONSEARCH_COMPILE", "").lower() in ("1", "true", "yes"):
+                compile_for_inference(self.model)
         self.name, self.fingerprint = name, fingerprint
         self.semantic_dim = model.dim
         self.visual = None

@@ -143,6 +143,7 @@ def faiss_section(n: int, nq: int, cpu_deadline_s: float, log=print, save=lambda
     import tempfile
 
     import faiss
+    import torch
 
     from moonsearch.eval.metrics import ann_recall
     from moonsearch.index import faiss_backend as fb
@@ -177,8 +178,6 @@ def faiss_section(n: int, nq: int, cpu_deadline_s: float, log=print, save=lambda
     gpu_found = None
     if out["gpus"] > 0:
         try:
-            import torch
-
             free0 = torch.cuda.mem_get_info()[0]
             res = faiss.StandardGpuResources()
             scratch = 1 << 30
@@ -209,8 +208,6 @@ def faiss_section(n: int, nq: int, cpu_deadline_s: float, log=print, save=lambda
             out["gpu_error"] = repr(e)[-1500:]
             log(f"  faiss GPU failed: {e!r}")
         save(out)
-    import torch
-
     if torch.cuda.is_available():  # exact search on the GPU: float16 base, one matrix product + top-k per batch
         base = torch.from_numpy(xb).to("cuda", torch.float16)
         out["torch_gpu_exact_bytes_per_vector"] = 2 * D
@@ -445,7 +442,6 @@ KERNEL_KINDS = (("matrix product", ("gemm", "xmma", "cutlass", "nvjet", "matmul"
 def kernel_profile(fn, dev: str, sync) -> dict:
     """torch.profiler over one call: the device kernels by total time (the top 25 and a summary by kind), the
     device's busy time against the wall time. On CPU (the dry run) the CPU operators stand in."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     fn()

@@ -129,10 +129,8 @@ def coarse_assigner(index: faiss.Index, check: np.ndarray | None = None, gpu: bo
     if gpu and not gpu_available():
         return None
     ivf = faiss.extract_index_ivf(index)
-    flat = faiss.IndexFlat(ivf.d, ivf.metric_type)
-    flat.add(ivf.quantizer.reconstruct_n(0, ivf.nlist))
-    try:
-        assign = faiss.index_cpu_to_all_gpus(flat) if gpu else flat
+    try:  # the coarse quantizer is itself a flat index over the centroids: copied to the GPU as it is
+        assign = faiss.index_cpu_to_all_gpus(ivf.quantizer) if gpu else ivf.quantizer
         if check is not None and len(check):
             x = np.ascontiguousarray(check, np.float32)
             same = float((assign.search(x, 1)[1].ravel() == ivf.quantizer.assign(x, 1).ravel()).mean())

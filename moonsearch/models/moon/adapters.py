@@ -93,45 +93,42 @@ def batch_vision_windows(model: nn.Module) -> int:
     return done
 
 
+# a gated MLP's tensors that carry its hidden width, and the dimension that does
+_MLP_WIDTH_DIMS = (("gate_proj.weight", 0), ("gate_proj.bias", 0), ("up_proj.weight", 0), ("up_proj.bias", 0),
+                   ("down_proj.weight", 1))
+
+
+def _fit(t: torch.Tensor, dim: int, width: int) -> torch.Tensor:
+    """``t`` at ``width`` along ``dim``: cut, or widened with zeros."""
+    if t.shape[dim] >= width:
+        return t.narrow(dim, 0, width).clone()
+    shape = list(t.shape)
+    shape[dim] = width - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim)
+
+
 def _mlp_state_unpadded(mod, state, prefix, local_metadata) -> None:
     """state_dict hook: write a padded MLP at its own width, so checkpoints never see the padding."""
-    w = mod._moonsearch_width
-    for name in ("gate_proj", "up_proj"):
-        state[f"{prefix}{name}.weight"] = state[f"{prefix}{name}.weight"][:w]
-        if f"{prefix}{name}.bias" in state:
-            state[f"{prefix}{name}.bias"] = state[f"{prefix}{name}.bias"][:w]
-    state[f"{prefix}down_proj.weight"] = state[f"{prefix}down_proj.weight"][:, :w]
+    for name, dim in _MLP_WIDTH_DIMS:
+        if prefix + name in state:
+            state[prefix + name] = _fit(state[prefix + name], dim, mod._moonsearch_width)
 
 
 def _mlp_state_padded(mod, state, prefix, *args) -> None:
-    """load_state_dict pre-hook: widen an unpadded MLP's tensors with zeros to the padded width."""
-    width, extra = mod.gate_proj.out_features, mod.gate_proj.out_features - mod._moonsearch_width
-    for key in [f"{prefix}gate_proj.weight", f"{prefix}up_proj.weight", f"{prefix}gate_proj.bias", f"{prefix}up_proj.bias"]:
-        if key in state and state[key].shape[0] == width - extra:
-            t = state[key]
-            state[key] = torch.cat([t, t.new_zeros(extra, *t.shape[1:])])
-    key = f"{prefix}down_proj.weight"
-    if key in state and state[key].shape[1] == width - extra:
-        t = state[key]
-        state[key] = torch.cat([t, t.new_zeros(t.shape[0], extra)], 1)
+    """load_state_dict pre-hook: widen an MLP written at its own width with zeros to the padded width."""
+    for name, dim in _MLP_WIDTH_DIMS:
+        if prefix + name in state and state[prefix + name].shape[dim] == mod._moonsearch_width:
+            state[prefix + name] = _fit(state[prefix + name], dim, mod.gate_proj.out_features)
 
 
 def _resize_mlp(mod: nn.Module, width: int) -> None:
     """Set a gated MLP's hidden width: new rows of ``gate_proj`` / ``up_proj`` and columns of ``down_proj``
     are zeros, and a smaller width drops the last ones."""
-    def fit(t: torch.Tensor, dim: int) -> torch.Tensor:
-        have = t.shape[dim]
-        if have >= width:
-            return t.narrow(dim, 0, width).clone()
-        shape = list(t.shape)
-        shape[dim] = width - have
-        return torch.cat([t, t.new_zeros(shape)], dim)
-
     with torch.no_grad():
         for lin, dim in ((mod.gate_proj, 0), (mod.up_proj, 0), (mod.down_proj, 1)):
-            lin.weight = nn.Parameter(fit(lin.weight, dim), requires_grad=lin.weight.requires_grad)
+            lin.weight = nn.Parameter(_fit(lin.weight, dim, width), requires_grad=lin.weight.requires_grad)
             if dim == 0 and lin.bias is not None:
-                lin.bias = nn.Parameter(fit(lin.bias, 0), requires_grad=lin.bias.requires_grad)
+                lin.bias = nn.Parameter(_fit(lin.bias, 0, width), requires_grad=lin.bias.requires_grad)
     mod.gate_proj.out_features = mod.up_proj.out_features = mod.down_proj.in_features = width
     if hasattr(mod, "intermediate_size"):
         mod.intermediate_size = width

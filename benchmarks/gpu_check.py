@@ -409,6 +409,15 @@ def sdpa_flop_mapping() -> dict:
 VARIANTS = ("pad", "compile")
 
 
+def moon_forward(moon, inputs: dict):
+    """One forward over ``adapter.prepare``'s inputs: (pooled vectors, the MoE's load-balancing loss)."""
+    tt = inputs["token_types"]
+    for m in moon.moe_layers:
+        m.token_types = tt
+    hidden = moon.adapter.run(inputs)
+    return moon.pool(hidden, tt), sum(m.aux_loss for m in moon.moe_layers)
+
+
 def apply_variant(moon, name: str) -> str:
     """Speed changes that keep the model's output: ``pad`` widens the vision MLP (3,420) to an aligned width
     with zeros (moonsearch.models.moon.adapters.pad_mlp_width); ``compile`` runs the norms, the vision
@@ -509,13 +518,7 @@ def moon_section(assets: Path, dry: bool, log=print, variants: tuple[str, ...] =
     out["params_b"] = round(sum(p.numel() for p in moon.parameters()) / 1e9, 3)
     out["moe_layers"] = len(moon.moe_layers)
 
-    def forward(inputs):
-        tt = inputs["token_types"]
-        for m in moon.moe_layers:
-            m.token_types = tt
-        hidden = moon.adapter.run(inputs)
-        aux = sum(m.aux_loss for m in moon.moe_layers)
-        return moon.pool(hidden, tt), aux
+    forward = lambda inputs: moon_forward(moon, inputs)  # noqa: E731
 
     def timed(fn, reps):
         fn()
@@ -633,9 +636,7 @@ def actor(assets: Path, out: Path, barrier: Path, n: int, batch: int, reps: int,
     inputs = moon.adapter.prepare(products(batch, shape["image_size"]))
 
     def forward():
-        for m in moon.moe_layers:
-            m.token_types = inputs["token_types"]
-        moon.pool(moon.adapter.run(inputs), inputs["token_types"])
+        moon_forward(moon, inputs)
         if dev == "cuda":
             torch.cuda.synchronize()
 

@@ -109,27 +109,45 @@ def test_the_rerank_reads_rows_through_the_map_for_small_sets_and_with_pread_for
     assert multi_search(mapped, xq, 10) == multi_search(preads, xq, 10)
 
 
-def test_probing_through_the_occupied_centroids_equals_the_selector_search(world, built, monkeypatch):
-    """A group occupying few lists probes a flat index of just their centroids instead of the whole
-    quantizer behind a selector: the same lists, so the same hits, routed to one and to four categories
-    alike."""
+def test_probing_each_categorys_own_centroids_equals_the_selector_search(world, built, monkeypatch):
+    """A group's nearest lists are found by searching each member category's filled lists apart and merging
+    (nothing built per group), by a flat index of the group's filled lists (a shard, few lists) or by the
+    whole quantizer behind a selector of them: the same lists with the same scores, so the same hits, for
+    one category and for four."""
+    import faiss
+
     import moonsearch.index.shared as shared_mod
 
     out, _ = built
     xq = np.load(world / "queries.npy")
     iset = IndexSet.load(out)
+    sq = iset.shared
     cats = [iset.categories[s] for s in sorted(iset.categories)]
-    params = replace(cats[0].params, exact_scan_below=0, nprobe=8)  # the stacked lists, few probes
-    groups = [{0}, {3}, {1, 5, 9, 20}]
-    answers = {}
-    for few in (0.0, 1.0):  # never / always through the occupied centroids
-        monkeypatch.setattr(shared_mod, "FEW_LISTS", few)
-        iset.shared._selectors.clear()
-        answers[few] = [multi_search(cats, xq, 10, params, [g] * len(xq)) for g in groups]
-        subs = [hit[1][2] for hit in iset.shared._selectors.values() if hit[1] is not None]
-        assert subs and all((sub is None) == (few == 0.0) for sub in subs)
-    assert answers[0.0] == answers[1.0]
-    assert all(c in g for found, g in zip(answers[1.0], groups) for hits in found for _, c, _ in hits)
+    # this world's categories fill disjoint lists; a category listed twice fills every list twice (the
+    # merge keeps each list once, as for two categories sharing one)
+    once, twice = (sq.probe_lists([cats[2].index] * k, xq, 6) for k in (1, 2))
+    assert np.array_equal(once[1], twice[1]) and np.array_equal(once[0], twice[0])
+    for group in ([0], [3], [1, 5, 9, 20]):
+        indices = [cats[c].index for c in group]
+        _, sizes = sq.view(indices)
+        filled = np.flatnonzero(sizes > 0)
+        assert 0 < len(filled) < sq.ivf.nlist  # the group leaves lists empty: a selector matters
+        for probes in (3, 8, len(filled) + 5):  # more probes than filled lists: the rest is -1
+            D, L = sq.probe_lists(indices, xq, probes)
+            Dr, Lr = sq.ivf.quantizer.search(xq, min(probes, len(filled)),
+                                             params=faiss.SearchParameters(sel=faiss.IDSelectorBatch(filled)))
+            assert np.array_equal(L[:, :Lr.shape[1]], Lr) and np.array_equal(D[:, :Dr.shape[1]], Dr)
+            assert (L[:, Lr.shape[1]:] == -1).all()
+            assert all(len(set(row[row >= 0])) == (row >= 0).sum() for row in L)  # no list twice
+        for nprobe in (8, 10 * len(filled)):  # few lists, and more than the group fills (-1 keys skipped)
+            answers = []
+            for few in (0.0, 1.0):  # a shard's ways: the quantizer behind a selector / the group's centroids
+                monkeypatch.setattr(shared_mod, "FEW_LISTS", few)
+                sq._selectors.clear()
+                answers.append(sq.search(indices, xq, 40, nprobe, share=0.1, sizes=sizes))
+            answers.append(sq.search(indices, xq, 40, nprobe, share=0.1))  # this process: each category's own
+            for D, I in answers[1:]:
+                assert np.array_equal(I, answers[0][1]) and np.allclose(D, answers[0][0], atol=1e-6)
 
 
 def test_search_shards_return_what_one_process_returns(world, built):
@@ -322,3 +340,18 @@ def test_lists_assigned_outside_the_index_give_sa_encodes_codes(world, built, mo
     with pytest.warns(UserWarning, match="training on the CPU instead"):
         trained = fb.train_on_device(fresh, x)
     assert trained.is_trained
+
+
+def test_shared_sets_get_twice_the_lists_of_one_global_index_up_to_a_cap():
+    """The shared quantizer's lists: the power of two nearest 8 sqrt(n) (one global index of the size ladder
+    gets 4 sqrt(n)), at most 8,192 and n / 39; an explicit ``nlist`` wins."""
+    from moonsearch.index.shared import SharedQuantizer
+
+    def lists(n, **kw):
+        return SharedQuantizer.plan(n, 256, replace(fb.IndexParams(), **kw))[0].split(",")[0]
+
+    assert lists(100_000) == "IVF2048" and fb.choose_factory(100_000, 256, fb.IndexParams()).startswith("IVF1024,")
+    assert lists(1_000_000) == "IVF8192" and lists(10_000_000) == "IVF8192"
+    assert lists(20_000) == "IVF512"  # 39 training points per list
+    assert lists(1_000_000, nlist=1024) == "IVF1024"
+    assert SharedQuantizer.plan(1_000_000, 256, fb.IndexParams())[1] == 39 * 8192  # k-means sample

@@ -289,10 +289,13 @@ class SharedQuantizer:
         xq = np.ascontiguousarray(xq, np.float32)
         if sizes is None and (local > 0).all():
             return view.search(xq, n, params=faiss.SearchParametersIVF(nprobe=probes))
+        # the group's nearest filled lists: in one process, through each category's own filled centroids;
+        # on a search shard (``sizes`` of the whole group) or for a group filling most lists, through the
+        # quantizer behind a selector of the filled lists (or a flat index of them, when few)
         if sizes is None and sum(len(self.occupied(ix)[0]) for ix in indices) <= view.nlist:
-            Dq, Iq = self.probe_lists(indices, xq, probes)  # this process holds the group: its categories'
-        else:  # own centroids; a shard (``sizes`` of the whole group) or a group filling most lists: the
-            held = self._selector(local if sizes is None else sizes)  # quantizer behind a selector
+            Dq, Iq = self.probe_lists(indices, xq, probes)
+        else:
+            held = self._selector(local if sizes is None else sizes)
             if held is None:
                 return view.search(xq, n, params=faiss.SearchParametersIVF(nprobe=probes))
             nonempty, sel, sub = held

@@ -32,24 +32,25 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from text_block import train_queries_world  # noqa: E402
+from text_block import Replay, rows, train_queries_world  # noqa: E402
 
 from moonsearch.data import real  # noqa: E402
 from moonsearch.eval import real_bench, zero_shot  # noqa: E402
-from moonsearch.models.base import Encoder, Query, create_encoder  # noqa: E402
+from moonsearch.models.base import Query, create_encoder  # noqa: E402
 from moonsearch.models.moon.encoder import MoonEncoder  # noqa: E402
 from moonsearch.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 
-class Recomposed(Encoder):
-    """The shipped encoder's vectors, computed once per call (the evaluations call in a fixed order), with
-    the query-side weights changed: ``b`` for text-only queries (question 1), ``a``, ``v``, ``vt`` for
-    photo queries (question 2). Products are returned as encoded."""
+class Recomposed(Replay):
+    """The shipped encoder's vectors, computed once per call, with the query-side weights changed: ``b``
+    for text-only queries (question 1), ``a``, ``v``, ``vt`` for photo queries (question 2). Products are
+    returned as encoded."""
 
     def __init__(self, enc: MoonEncoder, memo: list, b: float = 1.0, a: float | None = None,
                  v: float | None = None, vt: float | None = None):
+        super().__init__(memo)
         cfg = enc.cfg
-        self.enc, self.memo, self.k = enc, memo, 0
+        self.enc = enc
         self.b = b
         self.a = cfg.image_to_text_weight if a is None else a
         self.v = cfg.visual_image_query if v is None else v
@@ -59,18 +60,11 @@ class Recomposed(Encoder):
         self.name = f"b={b:g} a={self.a:g} v={self.v:g} vt={self.vt:g}"
         self.fingerprint, self.dim = self.name, enc.dim
 
-    def _get(self, encode, items) -> np.ndarray:
-        if self.k == len(self.memo):
-            self.memo.append(encode(items))
-        out = self.memo[self.k].copy()
-        self.k += 1
-        return out
-
     def encode_products(self, products, batch_size: int = 8) -> np.ndarray:
-        return self._get(self.enc.encode_products, products)
+        return self.replay(lambda: self.enc.encode_products(products))
 
     def encode_queries(self, queries, batch_size: int = 16) -> np.ndarray:
-        return self.recompose(self._get(self.enc.encode_queries, queries), queries)
+        return self.recompose(self.replay(lambda: self.enc.encode_queries(queries)).copy(), queries)
 
     def recompose(self, x: np.ndarray, queries) -> np.ndarray:
         cfg, h, dv = self.enc.cfg, self.h, self.dv
@@ -115,13 +109,6 @@ def check_recomposition(enc: MoonEncoder, queries: list[Query], a: float, v: flo
     return float(np.abs(got - want).max())
 
 
-def demo_rows(r: dict) -> dict[str, float]:
-    out = {f"{t} {m}": v[m] for t, v in r["retrieval"].items() for m in ("R@1", "R@10", "MRR@10")}
-    out.update({f"classification {t}": v for t, v in r["classification"].items()})
-    out.update({f"attribute {t}": v for t, v in r["attributes"].items()})
-    return out
-
-
 def real_rows(r: dict) -> dict[str, float]:
     out = {f"real {var} {mod} {m}": s[m] for var, row in r["rows"].items() if var != "no photos"
            for mod, s in row.items() for m in ("R@1", "R@10")}
@@ -147,7 +134,8 @@ def main() -> None:
     real_memo: list = []
 
     def judge(**kw) -> dict[str, float]:
-        row = demo_rows(zero_shot.evaluate(Recomposed(enc, demo_memo, **kw), world, limit=args.limit))
+        demo = zero_shot.evaluate(Recomposed(enc, demo_memo, **kw), world, limit=args.limit)
+        row = rows(demo, ("R@1", "R@10", "MRR@10"))
         row.update(real_rows(real_bench.evaluate(Recomposed(enc, real_memo, **kw), fit)))
         print(kw, {k: round(v, 3) for k, v in row.items()}, flush=True)
         return row

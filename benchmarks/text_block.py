@@ -45,19 +45,32 @@ def train_queries_world(data: Path, out: Path) -> Path:
     return out
 
 
-class Recomposed(Encoder):
-    """moon-mini without the block, computed once per call (the evaluation calls in a fixed order), and
-    MiniLM beside it with weight c, composed by the encoder's own with_text_block."""
+class Replay(Encoder):
+    """An encoder whose k-th call returns the k-th entry of ``memo``, computed by the first instance that
+    makes that call: the evaluations call in a fixed order, so vectors are computed once and every setting
+    of a sweep recomposes them."""
+
+    def __init__(self, memo: list):
+        self.memo, self.k = memo, 0
+
+    def replay(self, compute):
+        if self.k == len(self.memo):
+            self.memo.append(compute())
+        self.k += 1
+        return self.memo[self.k - 1]
+
+
+class Recomposed(Replay):
+    """moon-mini without the block, computed once per call, and MiniLM beside it with weight c, composed by
+    the encoder's own with_text_block."""
 
     def __init__(self, base: MoonEncoder, text: MiniLMTextTower, c: float, memo: list):
-        self.base, self.text, self.c, self.memo, self.k = base, text, c, memo, 0
+        super().__init__(memo)
+        self.base, self.text, self.c = base, text, c
         self.name, self.fingerprint, self.dim = f"text_block={c}", f"c{c}", base.dim + text.dim
 
     def _get(self, encode, items, texts, products: bool) -> np.ndarray:
-        if self.k == len(self.memo):
-            self.memo.append((encode(items), *self.text.embed_present(texts)))
-        v, m, has = self.memo[self.k]
-        self.k += 1
+        v, m, has = self.replay(lambda: (encode(items), *self.text.embed_present(texts)))
         return with_text_block(v, m, has, self.c, products)
 
     def encode_products(self, products, batch_size: int = 8):
@@ -67,8 +80,9 @@ class Recomposed(Encoder):
         return self._get(self.base.encode_queries, queries, [q.text for q in queries], False)
 
 
-def rows(r: dict) -> dict[str, float]:
-    out = {f"{t} R@10": v["R@10"] for t, v in r["retrieval"].items()}
+def rows(r: dict, metrics: tuple[str, ...] = ("R@10",)) -> dict[str, float]:
+    """One zero-shot result as flat rows: ``metrics`` per retrieval task, accuracy per level and attribute."""
+    out = {f"{t} {m}": v[m] for t, v in r["retrieval"].items() for m in metrics}
     out.update({f"classification {t}": v for t, v in r["classification"].items()})
     out.update({f"attribute {t}": v for t, v in r["attributes"].items()})
     return out

@@ -32,7 +32,7 @@ from moonsearch.index import faiss_backend as fb
 from moonsearch.utils.io import atomic_write_json, swap_in_dir
 
 FOLDER = "quantizer"
-SELECTOR_CACHE_BYTES = 64 << 20  # centroids of a shard's groups' filled lists kept for probing (SharedQuantizer._selector)
+SELECTOR_CACHE_BYTES = 64 << 20  # centroids of shard groups' filled lists kept for probing (SharedQuantizer._selector)
 FEW_LISTS = 1 / 8  # a shard's group filling at most this share of the lists probes a flat index of their centroids
 OCCUPIED_CACHE_BYTES = 128 << 20  # per category, the centroids of the lists it fills (SharedQuantizer.occupied)
 MAX_LISTS = 8192  # more lists: k-means and list assignment cost more than they save on 2 cores (shared_nlist)

@@ -129,7 +129,7 @@ def test_probing_each_categorys_own_centroids_equals_the_selector_search(world, 
     assert np.array_equal(once[1], twice[1]) and np.array_equal(once[0], twice[0])
     for group in ([0], [3], [1, 5, 9, 20]):
         indices = [cats[c].index for c in group]
-        _, sizes = sq.view(indices)
+        _, sizes, _, _ = sq.view(indices)
         filled = np.flatnonzero(sizes > 0)
         assert 0 < len(filled) < sq.ivf.nlist  # the group leaves lists empty: a selector matters
         for probes in (3, 8, len(filled) + 5):  # more probes than filled lists: the rest is -1

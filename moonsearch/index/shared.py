@@ -141,14 +141,15 @@ class SharedQuantizer:
 
     # ---- searching several categories as one index --------------------------------------------------
     def view(self, indices: Sequence[faiss.Index]):
-        """(IVF-PQ index over the concatenated inverted lists of ``indices``, their items per list summed),
-        cached per group."""
+        """(IVF-PQ index over the concatenated inverted lists of ``indices``, their items per list summed,
+        how many lists hold some of them, the sum over ``indices`` of the lists each fills), cached per
+        group: a search reads the counts to choose how it finds the group's lists."""
         key = tuple(id(ix) for ix in indices)
         with self._lock:
             hit = self._views.get(key)
             if hit is not None:
                 self._views.move_to_end(key)
-                return hit[0], hit[1]
+                return hit[0], hit[1], hit[2], hit[3]
         t = faiss.downcast_index(self.ivf)
         view = faiss.IndexIVFPQ(t.quantizer, t.d, t.nlist, t.pq.M, t.pq.nbits, t.metric_type)
         view.pq = t.pq
@@ -162,11 +163,13 @@ class SharedQuantizer:
         view.replace_invlists(stacked, False)
         view.ntotal = sum(ix.ntotal for ix in indices)
         sizes = sum(self.list_sizes(ix) for ix in indices)
+        held = int(np.count_nonzero(sizes))
+        filled = sum(int(np.count_nonzero(self.list_sizes(ix))) for ix in indices)
         with self._lock:  # the entry keeps the category indices (and so their lists) alive with the view
-            self._views[key] = (view, sizes, stacked, lists, list(indices), ivfs)
+            self._views[key] = (view, sizes, held, filled, stacked, lists, list(indices), ivfs)
             while len(self._views) > 256:
                 self._views.popitem(last=False)
-        return view, sizes
+        return view, sizes, held, filled
 
     def list_sizes(self, index: faiss.Index) -> np.ndarray:
         """Items per inverted list of one category index (cached per index object)."""
@@ -283,16 +286,16 @@ class SharedQuantizer:
         ``sizes``: the group's items per list on ALL search shards (a shard holds only some of the group's
         categories, ``indices``). The lists probed are then the ones a single process would probe, and each
         shard scans its part of them: the merged shortlist is the single process's."""
-        view, local = self.view(indices)
+        view, local, held, filled = self.view(indices)
         n = min(n, max(1, view.ntotal))
         probes = min(view.nlist, max(2, int(np.ceil(nprobe * np.sqrt(min(1.0, share))))))
         xq = np.ascontiguousarray(xq, np.float32)
-        if sizes is None and (local > 0).all():
+        if sizes is None and held == view.nlist:
             return view.search(xq, n, params=faiss.SearchParametersIVF(nprobe=probes))
         # the group's nearest filled lists: in one process, through each category's own filled centroids;
         # on a search shard (``sizes`` of the whole group) or for a group filling most lists, through the
         # quantizer behind a selector of the filled lists (or a flat index of them, when few)
-        if sizes is None and sum(len(self.occupied(ix)[0]) for ix in indices) <= view.nlist:
+        if sizes is None and filled <= view.nlist:
             Dq, Iq = self.probe_lists(indices, xq, probes)
         else:
             held = self._selector(local if sizes is None else sizes)

@@ -176,10 +176,11 @@ class MoonEncoder(Encoder):
         self.cfg = model.cfg
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
-        if str(self.device).startswith("cuda"):  # aligned MLP widths for the GPU's fast matrix kernels; the
-            from moonsearch.models.moon.adapters import compile_for_inference, pad_mlp_width  # outputs and
+        if str(self.device).startswith("cuda"):
+            # aligned MLP widths for the GPU's fast matrix kernels; the outputs and checkpoints stay the same
+            from moonsearch.models.moon.adapters import compile_for_inference, pad_mlp_width
 
-            pad_mlp_width(self.model)  # checkpoints stay the same
+            pad_mlp_width(self.model)
             if os.environ.get("MOONSEARCH_COMPILE", "").lower() in ("1", "true", "yes"):
                 compile_for_inference(self.model)
         self.name, self.fingerprint = name, fingerprint

@@ -70,6 +70,45 @@ def test_upcycled_experts_leave_the_pretrained_output_unchanged(tiny_folder, moe
         assert n_params < sum(p.numel() for p in build_model(_tiny_cfg(tiny_folder)).parameters())
 
 
+@pytest.mark.parametrize("cfg", [moe_mod.MoEConfig(), moe_mod.MoEConfig(n_general=3, top_k=2),
+                                 moe_mod.MoEConfig(guided=False)])
+def test_each_token_gets_its_own_experts_output_whatever_the_batch_order(cfg):
+    """The token-sorted dispatch against a per-token oracle: with experts that differ, every token's output
+    is its guided expert's, or the gate-weighted sum of its top-k general experts'; a new batch (or the same
+    map changed in place) is routed afresh, not by the previous batch's cached split."""
+    torch.manual_seed(0)
+    H = 16
+    moe = moe_mod.GuidedMoE(torch.nn.Sequential(torch.nn.Linear(H, 24), torch.nn.SiLU(), torch.nn.Linear(24, H)),
+                            H, cfg)
+    with torch.no_grad():
+        for p in moe.experts.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    tt = torch.randint(0, 7, (3, 20))
+    reached = [0] * len(moe.experts)
+    for step in range(3):
+        if step == 2:
+            tt[0, :10] = CATEGORY  # in place: the cached split of this map is stale
+        x = torch.randn(3, 20, H)
+        moe.token_types = tt
+        with torch.no_grad():
+            got = moe(x)
+            for b in range(3):
+                for t in range(20):
+                    kind, v = int(tt[b, t]), x[b, t]
+                    if cfg.guided and kind in (CATEGORY, ATTRIBUTE):
+                        e = 0 if kind == CATEGORY else 1
+                        want, reached[e] = moe.experts[e](v), reached[e] + 1
+                    else:
+                        w, sel = moe.gate(v).softmax(-1).topk(cfg.top_k)
+                        want = sum(wi / w.sum() * moe.experts[2 + int(j)](v) for wi, j in zip(w, sel))
+                        for j in sel:
+                            reached[2 + int(j)] += 1
+                    assert torch.allclose(got[b, t], want, atol=1e-5), (step, b, t, kind)
+        tt = torch.randint(0, 7, (3, 20)) if step == 0 else tt
+    assert moe.counts.tolist() == reached  # the routing statistics count what each expert really received
+    assert (reached[0] > 0 and reached[1] > 0) if cfg.guided else reached[:2] == [0, 0]
+
+
 def test_moe_trains_backward(tiny_folder):
     model = build_model(_tiny_cfg(tiny_folder, lora_rank=4)).train()
     batch = [product_segments("red shoe", ["a"], {"k": "v"}, [RED], None)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -77,38 +78,78 @@ class GuidedMoE(nn.Module):
         if tt is None or tt.shape != (B, T):
             raise RuntimeError("GuidedMoE needs the token-type map of this batch (set .token_types)")
         flat = x.reshape(-1, H)  # (B*T, H)
-        types = tt.reshape(-1).to(x.device)
-        if not self.cfg.guided:
-            types = torch.zeros_like(types)  # every token is routed by the gate
-        out = torch.zeros_like(flat)
-        counts = torch.zeros(len(self.experts), dtype=torch.long)
-        for e, kind in ((0, CATEGORY), (1, ATTRIBUTE)):
-            idx = (types == kind).nonzero(as_tuple=True)[0]
-            if len(idx):
-                out[idx] = self.experts[e](flat[idx]).to(out.dtype)
-                counts[e] += len(idx)
-        gidx = ((types != CATEGORY) & (types != ATTRIBUTE)).nonzero(as_tuple=True)[0]
-        if len(gidx):
-            xs = flat[gidx]  # (G, H)
+        plan = _guided_plan(tt, self.cfg.guided, x.device)
+        outs = []
+        for e in (0, 1):  # category and attribute tokens: their expert, no gate
+            if plan.sizes[e]:
+                outs.append(self.experts[e](flat.index_select(0, plan.rows[e])).to(flat.dtype))
+        counts = [plan.sizes[0], plan.sizes[1]] + [0] * self.cfg.n_general
+        G = plan.sizes[2]
+        if G:
+            xs = flat.index_select(0, plan.rows[2])  # (G, H)
             probs = self.gate(xs).float().softmax(-1)  # (G, N)
             w, sel = probs.topk(self.cfg.top_k, dim=-1)  # (G, k)
             w = (w / w.sum(-1, keepdim=True)).to(xs.dtype)
-            acc = torch.zeros_like(xs)
-            for j in range(self.cfg.n_general):
-                hit = (sel == j)  # (G, k)
-                rows = hit.any(-1).nonzero(as_tuple=True)[0]
-                if len(rows):
-                    acc[rows] += (w[rows] * hit[rows]).sum(-1, keepdim=True) * self.experts[2 + j](xs[rows])
-                    counts[2 + j] += len(rows)
-            out[gidx] = acc.to(out.dtype)
-            frac = torch.stack([(sel == j).any(-1).float().mean() for j in range(self.cfg.n_general)])
-            self.aux_loss = self.cfg.n_general * (frac * probs.mean(0)).sum()
+            # token-sorted dispatch: each (token, chosen expert) pair, grouped by expert, so every expert runs
+            # once on one contiguous slice; the per-expert sizes are this layer's one host sync
+            chosen = sel.reshape(-1)
+            per_expert = torch.bincount(chosen, minlength=self.cfg.n_general)
+            order = chosen.argsort(stable=True)
+            token = order // self.cfg.top_k
+            sizes = per_expert.tolist()
+            xin = xs.index_select(0, token)
+            ys = [self.experts[2 + j](part) for j, part in enumerate(xin.split(sizes)) if sizes[j]]
+            ys = torch.cat(ys).to(xs.dtype) * w.reshape(-1, 1).index_select(0, order)
+            outs.append(torch.zeros_like(xs).index_add_(0, token, ys))
+            for j, n in enumerate(sizes):
+                counts[2 + j] = n
+            # top-k picks distinct experts, so a token counts once for each expert it reaches
+            self.aux_loss = self.cfg.n_general * (per_expert.float() / G * probs.mean(0)).sum()
         else:
             self.aux_loss = torch.zeros((), device=x.device)
+        out = torch.cat(outs).index_select(0, plan.inverse)  # back to the tokens' own order
         if self.shared is not None and not self.cfg.low_rank:
             out = (out + self.shared(flat)) / 2  # the mean keeps the upcycled layer's output at init
-        self.counts += counts.to(self.counts.device)
+        self.counts += torch.tensor(counts)
         return out.reshape(B, T, H)
+
+
+class _Plan(NamedTuple):
+    rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # category, attribute, gated token rows (device)
+    sizes: tuple[int, int, int]
+    inverse: torch.Tensor  # position of each token in cat(category, attribute, gated) (device)
+
+
+_last_plan: list = [None]  # (a copy of the token types, guided, device, plan): one batch, shared by all layers
+
+
+def _guided_plan(tt: torch.Tensor, guided: bool, device: torch.device) -> _Plan:
+    """Which rows of the flattened batch go to the category expert, the attribute expert and the gate.
+    The token types are the same in every layer, so the split is made once per batch (on the host, where
+    the encoder keeps them) and shipped to the device in one copy, instead of a sync per layer and expert.
+    The cache compares the types themselves (a few thousand integers), so a new batch, or the same tensor
+    changed in place, is never routed by an old split."""
+    types = tt.reshape(-1).cpu()
+    hit = _last_plan[0]
+    if hit is not None and hit[1] == guided and hit[2] == device and torch.equal(hit[0], types):
+        return hit[3]
+    seen = types.clone()
+    if not guided:
+        types = torch.zeros_like(types)  # an ablation: every token is routed by the gate
+    groups = [(types == CATEGORY).nonzero(as_tuple=True)[0], (types == ATTRIBUTE).nonzero(as_tuple=True)[0]]
+    groups.append(((types != CATEGORY) & (types != ATTRIBUTE)).nonzero(as_tuple=True)[0])
+    order = torch.cat(groups)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    packed = torch.cat([order, inverse])
+    if device.type == "cuda":
+        packed = packed.pin_memory()
+    packed = packed.to(device, non_blocking=True)
+    sizes = tuple(len(g) for g in groups)
+    rows = tuple(packed[:len(order)].split(sizes))
+    plan = _Plan(rows, sizes, packed[len(order):])
+    _last_plan[0] = (seen, guided, device, plan)
+    return plan
 
 
 def convert(layers: list[nn.Module], hidden: int, cfg: MoEConfig) -> list[GuidedMoE]:

@@ -1,4 +1,6 @@
 """The CUDA paths (deselected by default: ``pytest -m gpu`` on a machine with a GPU)."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -55,16 +57,19 @@ def test_an_ivfpq_index_trained_and_filled_on_the_gpu_comes_back_as_a_cpu_index(
 
     assert fb.gpu_available(), "faiss sees no GPU: on a GPU machine install '.[gpu]'"
     rng = np.random.default_rng(0)
-    centres = rng.normal(size=(50, 64))
-    xb = (centres[rng.integers(0, 50, 30000)] + rng.normal(size=(30000, 64)) * 0.3).astype(np.float32)
+    d = 256  # PQ64: faiss refuses the GPU copy unless its lookup tables are float16
+    centres = rng.normal(size=(50, d))
+    xb = (centres[rng.integers(0, 50, 30000)] + rng.normal(size=(30000, d)) * 0.3).astype(np.float32)
     xb /= np.linalg.norm(xb, axis=1, keepdims=True)
-    xq = xb[:100] + rng.normal(size=(100, 64)).astype(np.float32) * 0.01
+    xq = xb[:100] + rng.normal(size=(100, d)).astype(np.float32) * 0.01
     p = fb.IndexParams(flat_below=0, ivfpq_from=0)
-    factory = fb.choose_factory(len(xb), 64, p)
-    assert ",PQ" in factory
-    index = fb.build(xb, np.arange(len(xb)), factory, p)
+    factory = fb.choose_factory(len(xb), d, p)
+    assert ",PQ64" in factory
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a build that fell back to the CPU fails the test
+        index = fb.build(xb, np.arange(len(xb)), factory, p)
     assert faiss.extract_index_ivf(index) is not None and "Gpu" not in type(index).__name__
-    cpu = faiss.index_factory(64, factory, faiss.METRIC_INNER_PRODUCT)  # the same recipe, all on the CPU
+    cpu = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)  # the same recipe, all on the CPU
     cpu.train(xb[np.sort(rng.choice(len(xb), fb.train_points(factory, len(xb), p), replace=False))])
     cpu.add(xb)
     exact = np.argsort(-(xq @ xb.T), axis=1)[:, :10]
@@ -83,8 +88,6 @@ def test_the_streaming_build_trains_and_assigns_lists_on_the_gpu(tmp_path):
     """`moonsearch index --vectors` (the shared layout of large sets) trains its quantizer and assigns the
     coarse lists on the GPU: no fallback warning may fire, and the index must answer like the CPU build
     (tests/test_shared_index.py holds the same recall bar)."""
-    import warnings
-
     from test_shared_index import _exact, _ids
 
     from moonsearch.data.synthetic import generate_vectors
@@ -96,7 +99,7 @@ def test_the_streaming_build_trains_and_assigns_lists_on_the_gpu(tmp_path):
 
     assert fb.gpu_available(), "faiss sees no GPU: on a GPU machine install '.[gpu]'"
     world = tmp_path / "w"
-    generate_vectors(world, 30000, dim=64, n_queries=100)
+    generate_vectors(world, 30000, dim=256, n_queries=100)  # 256-d: PQ64, float16 lookup tables on the GPU
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a GPU step that fell back to the CPU fails the test
         build_from_vectors(world / "catalog.parquet", world / "vectors.npy", tmp_path / "idx", chunk=5000,

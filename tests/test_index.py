@@ -37,6 +37,19 @@ def test_factory_ladder():
     assert fb.choose_factory(200_000, 256, replace(p, bytes_per_vector=128)) == "IVF1024,PQ128np"
 
 
+def test_gpu_copies_of_ivfpq_indices_ask_for_half_precision_lookup_tables():
+    """Without float16 tables faiss refuses the GPU copy of a 256-d PQ64 index (seen on an H200: the
+    streaming build fell back to training on the CPU), so every IVF-PQ recipe moonsearch builds must be
+    recognised as one, also as the factory hands it back (IndexIVF base class, IDMap2 around it)."""
+    p = fb.IndexParams(flat_below=0, ivfpq_from=0)
+    for d in (64, 256, 1792):
+        factory = fb.choose_factory(100_000, d, p)
+        assert ",PQ" in factory
+        assert fb.half_lookup_tables(faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)), factory
+        assert fb.half_lookup_tables(faiss.index_factory(d, "IDMap2," + factory, faiss.METRIC_INNER_PRODUCT))
+    assert not fb.half_lookup_tables(faiss.index_factory(256, "IVF64,Flat", faiss.METRIC_INNER_PRODUCT))
+
+
 def test_ivfpq_against_exact_oracle_and_rerank(tmp_path):
     xb = structured_vectors(12_000, 32, seed=1)
     xq = structured_vectors(200, 32, seed=2)

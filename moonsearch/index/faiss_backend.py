@@ -96,13 +96,19 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def half_lookup_tables(index: faiss.Index) -> bool:
+    """Whether the GPU copy of ``index`` needs float16 lookup tables: an IVF-PQ index does (64 sub-quantisers'
+    float32 tables exceed a block's 48 KiB of shared memory, and faiss refuses the copy). They serve searches
+    only, so the trained index and its codes are the same; measured on an H200 with faiss-gpu 1.15.1 (train
+    + add of 10M on the GPU, copied back: the CPU search of the copy finds 99.5% of the GPU's top 10).
+    IVF-Flat keeps float32 storage. (``extract_index_ivf`` hands back the IndexIVF base class, so the check
+    goes through ``downcast_index``.)"""
+    return isinstance(faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFPQ)
+
+
 def _to_gpus(index: faiss.Index) -> faiss.Index:
     co = faiss.GpuMultipleClonerOptions()
-    # float16 lookup tables: 64 sub-quantisers' float32 tables exceed a block's shared memory. They serve
-    # searches only, so the trained index and its codes are the same; measured on an H200 with faiss-gpu
-    # 1.15.1 (train + add of 10M on the GPU, copied back: the CPU search of the copy finds 99.5% of the
-    # GPU's top 10). IVF-Flat keeps float32 storage.
-    co.useFloat16 = isinstance(faiss.extract_index_ivf(index), faiss.IndexIVFPQ)
+    co.useFloat16 = half_lookup_tables(index)
     return faiss.index_cpu_to_all_gpus(index, co=co)
 
 
@@ -162,7 +168,10 @@ def build(xb: np.ndarray, ids: np.ndarray, factory: str, p: IndexParams, seed: i
     index = faiss.index_factory(xb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     work = index
     if gpu_available() and factory.startswith("IVF"):
-        work = _to_gpus(index)
+        try:
+            work = _to_gpus(index)
+        except RuntimeError as e:  # e.g. more PQ sub-quantisers than the GPU kernels take (1,792-d: PQ448)
+            warnings.warn(f"building on the GPU failed, building on the CPU instead: {e}", stacklevel=2)
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         m = train_points(factory, len(xb), p)

@@ -415,6 +415,24 @@ def test_padding_mlp_widths_keeps_the_outputs_and_the_padding_untrained(tmp_path
     assert unpad_mlp_width(padded) == 0
 
 
+def test_the_trainer_pads_only_mlps_that_do_not_train(tmp_path):
+    """On a GPU the trainer pads the frozen MLPs (the vision tower's) and leaves the trainable ones at the
+    checkpoint's own widths, so optimizer state never holds padded shapes."""
+    from transformers import AutoModel
+
+    from moonsearch.models.moon.adapters import pad_mlp_width
+    from moonsearch.models.moon.backbones import save_tiny_qwen_vl
+
+    model = AutoModel.from_pretrained(save_tiny_qwen_vl(tmp_path / "q", family="qwen2_5_vl"))
+    model.visual.requires_grad_(False)
+    model.visual.blocks[0].mlp.up_proj.requires_grad_(True)  # one vision MLP still trains
+    n_frozen = sum(hasattr(b.mlp, "gate_proj") for b in model.visual.blocks) - 1
+    assert pad_mlp_width(model, multiple=48, frozen_only=True) == n_frozen
+    assert model.visual.blocks[0].mlp.gate_proj.out_features == 64  # trains: its own width
+    assert model.visual.blocks[1].mlp.gate_proj.out_features == 96  # frozen: padded
+    assert model.language_model.layers[0].mlp.gate_proj.out_features == 128  # trains: its own width
+
+
 @pytest.mark.slow  # ~30 s of torch.compile on 2 cores
 def test_compiling_for_inference_keeps_the_vectors_and_the_checkpoint_names(moon_tiny):
     """MOONSEARCH_COMPILE=1 compiles the norms and MLPs in place on CUDA: the encoding must not move, the

@@ -134,7 +134,7 @@ def _resize_mlp(mod: nn.Module, width: int) -> None:
         mod.intermediate_size = width
 
 
-def pad_mlp_width(model: nn.Module, multiple: int = 64) -> int:
+def pad_mlp_width(model: nn.Module, multiple: int = 64, frozen_only: bool = False) -> int:
     """Widen every gated MLP (``gate_proj`` / ``up_proj`` / ``down_proj``) whose hidden width is not a multiple
     of ``multiple`` with zero rows and columns; returns the MLPs padded.
 
@@ -144,11 +144,14 @@ def pad_mlp_width(model: nn.Module, multiple: int = 64) -> int:
     16 bytes, and cuBLAS then falls back to slow sm80 kernels (``..._align2``). On an H200 padding it to
     3,456 lifted a 3B MOON's encoding from 21.0 to 25.1 products/s (benchmarks/README, "GPU check").
     ``state_dict`` still writes the MLPs at their own width and ``load_state_dict`` accepts either width, so
-    checkpoints never see the padding."""
+    checkpoints never see the padding. ``frozen_only`` pads only MLPs none of whose weights train (what the
+    trainer pads: optimizer state then never meets the padding)."""
     done = 0
     for mod in model.modules():
         g, u, d = (getattr(mod, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
         if not all(isinstance(x, nn.Linear) for x in (g, u, d)) or g.out_features % multiple == 0:
+            continue
+        if frozen_only and any(p.requires_grad for p in mod.parameters()):
             continue
         if not hasattr(mod, "_moonsearch_width"):
             mod._moonsearch_width = g.out_features
@@ -160,8 +163,9 @@ def pad_mlp_width(model: nn.Module, multiple: int = 64) -> int:
 
 
 def unpad_mlp_width(model: nn.Module) -> int:
-    """Undo ``pad_mlp_width`` (the trainer trains at the checkpoint's own shapes, so its optimizer state and
-    sharded saves never meet the padding); returns the MLPs restored."""
+    """Undo ``pad_mlp_width`` (the trainer trains at the checkpoint's own shapes, padding again only the
+    frozen MLPs, so its optimizer state and sharded saves never meet the padding); returns the MLPs
+    restored."""
     done = 0
     for mod in model.modules():
         if getattr(mod, "_moonsearch_width", None) is None:

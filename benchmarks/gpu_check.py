@@ -406,7 +406,7 @@ def sdpa_flop_mapping() -> dict:
     return out
 
 
-VARIANTS = ("pad", "compile")
+VARIANTS = ("pad", "compile", "compile-vision", "looped-moe")
 
 
 def moon_forward(moon, inputs: dict):
@@ -418,20 +418,68 @@ def moon_forward(moon, inputs: dict):
     return moon.pool(hidden, tt), sum(m.aux_loss for m in moon.moe_layers)
 
 
-def apply_variant(moon, name: str) -> str:
-    """Speed changes that keep the model's output: ``pad`` widens the vision MLP (3,420) to an aligned width
-    with zeros (moonsearch.models.moon.adapters.pad_mlp_width); ``compile`` runs the norms, the vision
-    blocks' MLPs and the experts' MLPs through torch.compile in place (``compile_for_inference``; the
-    2026-11-27 figures used the torch.compile wrapper of the same modules)."""
-    from moonsearch.models.moon.adapters import pad_mlp_width
+def looped_moe_forward(self, x):
+    """The guided MoE's dispatch as it was until 2026-11-27, kept here for the A/B (``looped-moe``): a boolean
+    mask and a ``nonzero`` (a host sync) per expert and per layer, gathers and scatters by advanced indexing."""
+    import torch
 
-    if name == "pad":
-        return f"{pad_mlp_width(moon.adapter.model)} MLPs padded"
-    if name == "compile":  # what MoonEncoder does on CUDA with MOONSEARCH_COMPILE=1
-        from moonsearch.models.moon.adapters import compile_for_inference
+    from moonsearch.models.moon.tokens import ATTRIBUTE, CATEGORY
 
-        return f"{compile_for_inference(moon)} modules compiled"
-    raise ValueError(f"unknown variant {name!r} (known: {', '.join(VARIANTS)})")
+    B, T, H = x.shape
+    flat, types = x.reshape(-1, H), self.token_types.reshape(-1).to(x.device)
+    out = torch.zeros_like(flat)
+    for e, kind in ((0, CATEGORY), (1, ATTRIBUTE)):
+        idx = (types == kind).nonzero(as_tuple=True)[0]
+        if len(idx):
+            out[idx] = self.experts[e](flat[idx]).to(out.dtype)
+    gidx = ((types != CATEGORY) & (types != ATTRIBUTE)).nonzero(as_tuple=True)[0]
+    xs = flat[gidx]
+    probs = self.gate(xs).float().softmax(-1)
+    w, sel = probs.topk(self.cfg.top_k, dim=-1)
+    w = (w / w.sum(-1, keepdim=True)).to(xs.dtype)
+    acc = torch.zeros_like(xs)
+    for j in range(self.cfg.n_general):
+        hit = sel == j
+        rows = hit.any(-1).nonzero(as_tuple=True)[0]
+        if len(rows):
+            acc[rows] += (w[rows] * hit[rows]).sum(-1, keepdim=True) * self.experts[2 + j](xs[rows])
+    out[gidx] = acc.to(out.dtype)
+    frac = torch.stack([(sel == j).any(-1).float().mean() for j in range(self.cfg.n_general)])
+    self.aux_loss = self.cfg.n_general * (frac * probs.mean(0)).sum()
+    return out.reshape(B, T, H)
+
+
+def set_variant(moon, spec: str) -> str:
+    """Bring the model to one set of speed changes, all of which keep its output; ``spec`` joins them by
+    '+' ("as built": none). ``pad`` widens the vision MLP (3,420) to an aligned width with zeros
+    (``pad_mlp_width``); ``compile`` runs the norms, the vision blocks' MLPs and the experts' MLPs through
+    torch.compile in place (``compile_for_inference``, what ``MOONSEARCH_COMPILE=1`` does); ``compile-vision``
+    compiles the vision tower's alone (frozen in training, so it runs forward only there, as in encoding);
+    ``looped-moe`` puts back the MoE dispatch of before 2026-11-27 (``looped_moe_forward``)."""
+    from types import MethodType
+
+    from moonsearch.models.moon.adapters import compile_for_inference, pad_mlp_width, uncompile, unpad_mlp_width
+
+    parts = set() if spec == "as built" else set(spec.split("+"))
+    unknown = parts - set(VARIANTS)
+    if unknown or {"compile", "compile-vision"} <= parts:
+        raise ValueError(f"unknown or clashing variant {spec!r} (known: {', '.join(VARIANTS)})")
+    said = []
+    unpad_mlp_width(moon.adapter.model)  # back to the model as built, then the set's changes
+    uncompile(moon)
+    if "pad" in parts:
+        said.append(f"{pad_mlp_width(moon.adapter.model)} MLPs padded")
+    if "compile" in parts or "compile-vision" in parts:
+        root = moon if "compile" in parts else moon.adapter.model.visual
+        said.append(f"{compile_for_inference(root)} modules compiled")
+    for m in moon.moe_layers:
+        if "looped-moe" in parts:
+            m.forward = MethodType(looped_moe_forward, m)
+        else:
+            m.__dict__.pop("forward", None)
+    if "looped-moe" in parts:
+        said.append(f"{len(moon.moe_layers)} MoE layers looped")
+    return ", ".join(said) or "none"
 
 
 def time_split(moon, forward, inputs, timed, dry: bool) -> dict:
@@ -484,7 +532,7 @@ def kernel_profile(fn, dev: str, sync) -> dict:
 
 
 def moon_section(assets: Path, dry: bool, log=print, variants: tuple[str, ...] = (), profile: bool = False,
-                 variant_deadline_s: float = 150.0, save=lambda d: None) -> dict:
+                 variant_deadline_s: float = 150.0, train_batches: tuple[int, ...] = (), save=lambda d: None) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -493,6 +541,7 @@ def moon_section(assets: Path, dry: bool, log=print, variants: tuple[str, ...] =
     started = time.perf_counter()
     dev = "cpu" if dry else "cuda"
     shape = TINY if dry else THREE_B
+    train_batches = train_batches or (shape["train_batch"],)
     dtype = torch.bfloat16
     out: dict = {"shape": "tiny (dry run)" if dry else "Qwen2.5-VL-3B", "dtype": "bfloat16",
                  "attention": "sdpa (vision windows batched: moonsearch.models.moon.adapters.batch_vision_windows)",
@@ -561,56 +610,75 @@ def moon_section(assets: Path, dry: bool, log=print, variants: tuple[str, ...] =
     moon.train()
     for p in moon.adapter.model.visual.parameters():
         p.requires_grad_(False)
-    bs = shape["train_batch"]
-    inputs = moon.adapter.prepare(products(bs, shape["image_size"]))
+    train_inputs = {tb: moon.adapter.prepare(products(tb, shape["image_size"])) for tb in train_batches}
 
-    def step():
+    def step(inputs):
         pooled, aux = forward(inputs)
         (pooled.float().pow(2).mean() + 0.01 * aux).backward()
         for p in moon.parameters():
             p.grad = None
 
-    f = flops(step)
-    s = timed(step, 2 if dry else 4)
-    row = dict(step="train fwd+bwd", batch=bs, variant="as built", products_per_s=round(bs / s, 2),
-               gflop_per_product=round(f / bs / 1e9, 2), achieved_tflops=round(f / s / 1e12, 4))
-    rows.append(row)
-    log(f"  train batch {bs}: {row}")
+    train_flops = {}
+    for tb, inputs in list(train_inputs.items()):
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            f = train_flops[tb] = flops(lambda: step(inputs))
+            s = timed(lambda: step(inputs), 2 if dry else 4)
+        except torch.OutOfMemoryError as e:  # a batch too big for the card is reported, not fatal
+            del train_inputs[tb]
+            out.setdefault("train_errors", {})[tb] = repr(e)[:300]
+            log(f"  train batch {tb}: out of memory")
+            for p in moon.parameters():
+                p.grad = None
+            torch.cuda.empty_cache()
+            continue
+        row = dict(step="train fwd+bwd", batch=tb, variant="as built", products_per_s=round(tb / s, 2),
+                   gflop_per_product=round(f / tb / 1e9, 2), achieved_tflops=round(f / s / 1e12, 4))
+        if dev == "cuda":
+            row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 1)
+        rows.append(row)
+        log(f"  train batch {tb}: {row}")
     save(dict(out, rows=rows))
     applied: list[str] = []
-    for name in variants:  # cumulative: each variant keeps the ones before it
+    bsz = shape["batches"][-1]
+    for spec in variants:  # each a set of changes, measured from the model as built
         t0 = time.perf_counter()
         if t0 - started > variant_deadline_s:
-            applied.append(f"{name}: skipped ({variant_deadline_s:.0f} s deadline)")
-            log(f"  variant {name} skipped: past the deadline")
+            applied.append(f"{spec}: skipped ({variant_deadline_s:.0f} s deadline)")
+            log(f"  variant {spec} skipped: past the deadline")
             continue
         try:
-            applied.append(f"{name}: " + apply_variant(moon, name))
+            applied.append(f"{spec}: " + set_variant(moon, spec))
         except Exception as e:  # a variant that cannot run is reported, the rest still measured
-            applied.append(f"{name}: failed {e!r}")
-            log(f"  variant {name} failed: {e!r}")
+            applied.append(f"{spec}: failed {e!r}")
+            log(f"  variant {spec} failed: {e!r}")
             continue
         moon.eval()
         with torch.inference_mode():
             timed(lambda: forward(big), 1)  # compiles (if any) outside the timing
             s = timed(lambda: forward(big), 2 if dry else 4)
-        bsz = shape["batches"][-1]
-        r = dict(step="encode", batch=bsz, variant="+".join(v.split(":")[0] for v in applied),
-                 products_per_s=round(bsz / s, 2), gflop_per_product=rows[0]["gflop_per_product"],
-                 achieved_tflops=round(enc_flops / s / 1e12, 4), setup_s=round(time.perf_counter() - t0, 1))
+        r = dict(step="encode", batch=bsz, variant=spec, products_per_s=round(bsz / s, 2),
+                 gflop_per_product=rows[0]["gflop_per_product"], achieved_tflops=round(enc_flops / s / 1e12, 4),
+                 setup_s=round(time.perf_counter() - t0, 1))
+        rows.append(r)
+        log(f"  variant {spec}: encode {r}")
         moon.train()
-        timed(step, 1)
-        st = timed(step, 2 if dry else 4)
-        rt = dict(row, variant=r["variant"], products_per_s=round(bs / st, 2), achieved_tflops=round(f / st / 1e12, 4))
-        rows += [r, rt]
-        log(f"  variant {r['variant']}: encode {r}; train {rt}")
+        for tb, inputs in train_inputs.items():
+            timed(lambda: step(inputs), 1)
+            st = timed(lambda: step(inputs), 2 if dry else 4)
+            f = train_flops[tb]
+            rt = dict(step="train fwd+bwd", batch=tb, variant=spec, products_per_s=round(tb / st, 2),
+                      gflop_per_product=round(f / tb / 1e9, 2), achieved_tflops=round(f / st / 1e12, 4))
+            rows.append(rt)
+            log(f"  variant {spec}: train {rt}")
         save(dict(out, rows=rows, variants=applied))
-        if profile and name == variants[-1]:
+        if profile and spec == variants[-1]:
             moon.eval()
             with torch.inference_mode():
-                out["split_" + r["variant"]] = time_split(moon, forward, big, timed, dry)
-                out["profile_" + r["variant"]] = kernel_profile(lambda: forward(small), dev, sync)
-            log(f"  profile after {r['variant']}: {out['profile_' + r['variant']]['summary']}")
+                out["split_" + spec] = time_split(moon, forward, big, timed, dry)
+                out["profile_" + spec] = kernel_profile(lambda: forward(small), dev, sync)
+            log(f"  profile after {spec}: {out['profile_' + spec]['summary']}")
     out["variants"] = applied
     if dev == "cuda":
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 1)
@@ -632,7 +700,7 @@ def actor(assets: Path, out: Path, barrier: Path, n: int, batch: int, reps: int,
     shape = TINY if dry else THREE_B
     moon = build_moon(assets, shape, dev, torch.bfloat16)
     for v in variants:
-        apply_variant(moon, v)
+        set_variant(moon, v)
     inputs = moon.adapter.prepare(products(batch, shape["image_size"]))
 
     def forward():
@@ -751,8 +819,13 @@ def main() -> None:
     ap.add_argument("--cpu-deadline", type=float, default=200.0, help="skip the CPU faiss build after this many s")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: checks the script, not the GPU")
     ap.add_argument("--skip", action="append", default=[], choices=["faiss", "moon"])
-    ap.add_argument("--variant", action="append", default=[], choices=VARIANTS,
-                    help="after the rows as built, measure again with these speed changes (cumulative)")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="after the rows as built, measure again with these speed changes: each a '+'-joined set "
+                         f"of {', '.join(VARIANTS)}, applied to the model as built")
+    ap.add_argument("--train-batch", type=int, action="append", default=[],
+                    help="batch of the timed training step (repeat for several; default 8, 2 in a dry run)")
+    ap.add_argument("--variant-deadline", type=float, default=150.0,
+                    help="run: skip the variants that would start after this many seconds")
     ap.add_argument("--profile", action="store_true", help="kernel profile and vision/LLM split of one forward")
     ap.add_argument("--actors", type=int, action="append", default=[],
                     help="actors: encoder processes sharing the device (repeat: 1, 2, ...)")
@@ -812,6 +885,7 @@ def main() -> None:
         t = time.time()
         try:
             report["moon"] = moon_section(a.assets, a.dry_run, variants=tuple(a.variant), profile=a.profile,
+                                          variant_deadline_s=a.variant_deadline, train_batches=tuple(a.train_batch),
                                           save=lambda d: path.write_text(json.dumps(dict(report, moon=d), indent=1)))
         except Exception as e:  # report what broke; the faiss half still runs
             import traceback

@@ -14,7 +14,8 @@ def test_gpu_check_dry_run_measures_faiss_and_moon(tmp_path):
     script = ROOT / "benchmarks" / "gpu_check.py"
     subprocess.run([sys.executable, script, "prepare", "--assets", tmp_path / "assets"], check=True, cwd=ROOT)
     p = subprocess.run([sys.executable, script, "run", "--assets", tmp_path / "assets", "--out", tmp_path / "out",
-                        "--dry-run", "--variant", "pad", "--profile"], capture_output=True, text=True, cwd=ROOT,
+                        "--dry-run", "--variant", "pad+looped-moe", "--variant", "pad", "--train-batch", "2",
+                        "--train-batch", "3", "--profile"], capture_output=True, text=True, cwd=ROOT,
                        timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     rep = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
@@ -27,10 +28,14 @@ def test_gpu_check_dry_run_measures_faiss_and_moon(tmp_path):
     assert m["moe_layers"] == 2 and m["tokens_per_product"] > 4 * 16  # 4 pictures of 16 merged patches + text
     steps = [(r["step"], r["batch"], r["variant"]) for r in m["rows"]]
     assert steps == [("encode", 2, "as built"), ("encode", 4, "as built"), ("train fwd+bwd", 2, "as built"),
-                     ("encode", 4, "pad"), ("train fwd+bwd", 2, "pad")]
+                     ("train fwd+bwd", 3, "as built")] + [
+        (step, b, v) for v in ("pad+looped-moe", "pad") for step, b in (("encode", 4), ("train fwd+bwd", 2),
+                                                                        ("train fwd+bwd", 3))]
     for r in m["rows"]:
         assert r["products_per_s"] > 0 and r["gflop_per_product"] > 0
-    assert m["variants"] == ["pad: 2 MLPs padded"]  # the tiny vision MLPs are 60 wide
+    # each variant is a set applied to the model as built: the second undoes the first's looped dispatch
+    # (the tiny vision MLPs are 60 wide, so 2 are padded)
+    assert m["variants"] == ["pad+looped-moe: 2 MLPs padded, 2 MoE layers looped", "pad: 2 MLPs padded"]
     assert 0 < m["split"]["vision_share"] < 1
     prof = m["profile"]
     assert prof["top"] and prof["busy_ms"] > 0 and abs(sum(prof["summary"].values()) - 1) < 0.01

@@ -142,7 +142,8 @@ def pad_mlp_width(model: nn.Module, multiple: int = 64, frozen_only: bool = Fals
     nothing), and training leaves the padding at zero (no gradient reaches it). But the matrix products get
     aligned shapes: Qwen2.5-VL's vision MLP is 3,420 wide, a row of 3,420 bf16 values is not a multiple of
     16 bytes, and cuBLAS then falls back to slow sm80 kernels (``..._align2``). On an H200 padding it to
-    3,456 lifted a 3B MOON's encoding from 21.0 to 25.1 products/s (benchmarks/README, "GPU check").
+    3,456 lifted a 3B MOON's encoding from 21.1 to 26.3 products/s and its training step (vision frozen)
+    from 11.7 to 13.4 (benchmarks/README, "GPU check").
     ``state_dict`` still writes the MLPs at their own width and ``load_state_dict`` accepts either width, so
     checkpoints never see the padding. ``frozen_only`` pads only MLPs none of whose weights train (what the
     trainer pads: optimizer state then never meets the padding)."""
@@ -195,9 +196,10 @@ def compile_for_inference(model: nn.Module) -> int:
     """torch.compile the norms and MLPs of a MOON model in place (``Module.compile``, so parameter names and
     checkpoints stay as they are): fused element-wise work. The guided MoE's routing stays eager, its experts
     are compiled with dynamic shapes (their token counts change every batch). On an H200, with the MLPs
-    padded, this took a 3B MOON's encoding from 25.1 to 29.3 products/s (44% of the bf16 rate) after 27 s
-    of compiling, but it slowed a training step, so it is for encoding only (``MOONSEARCH_COMPILE=1``
-    turns it on in ``MoonEncoder`` on CUDA; the trainer undoes it). Returns the modules compiled."""
+    padded, this took a 3B MOON's encoding from 26.3 to 31.7 products/s (47% of the bf16 rate) after 17 s
+    of compiling, and gpu_check's training step from 13.4 to 15.4. ``MOONSEARCH_COMPILE=1`` turns it on in
+    ``MoonEncoder`` on CUDA; the trainer undoes it, as it has not run with LoRA, gradient checkpointing and
+    the feature cache on a GPU. Returns the modules compiled."""
     done = 0
     for sub in _compiled_parts(model):
         if sub._compiled_call_impl is None:

@@ -106,6 +106,13 @@ def test_each_token_gets_its_own_experts_output_whatever_the_batch_order(cfg):
                     assert torch.allclose(got[b, t], want, atol=1e-5), (step, b, t, kind)
         tt = torch.randint(0, 7, (3, 20)) if step == 0 else tt
     assert moe.counts.tolist() == reached  # the routing statistics count what each expert really received
+    # a split made while encoding (inference mode) serves a training step on the same layout
+    moe.token_types = torch.randint(0, 7, (3, 20))  # a layout not seen yet: split in inference mode
+    with torch.inference_mode():
+        moe(torch.randn(3, 20, H))
+    x = torch.randn(3, 20, H, requires_grad=True)
+    moe(x).pow(2).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
     assert (reached[0] > 0 and reached[1] > 0) if cfg.guided else reached[:2] == [0, 0]
 
 

@@ -128,12 +128,19 @@ def _guided_plan(tt: torch.Tensor, guided: bool, device: torch.device) -> _Plan:
     The token types are the same in every layer, so the split is made once per batch (on the host, where
     the encoder keeps them) and shipped to the device in one copy, instead of a sync per layer and expert.
     The cache compares the types themselves (a few thousand integers), so a new batch, or the same tensor
-    changed in place, is never routed by an old split."""
+    changed in place, is never routed by an old split. The split is made outside inference mode, so one
+    made while encoding can serve a training step (autograd keeps the index tensors)."""
     types = tt.reshape(-1).cpu()
     hit = _last_plan[0]
     if hit is not None and hit[1] == guided and hit[2] == device and torch.equal(hit[0], types):
         return hit[3]
-    seen = types.clone()
+    with torch.inference_mode(False):
+        plan = _split(types, guided, device)
+    _last_plan[0] = (types.clone(), guided, device, plan)
+    return plan
+
+
+def _split(types: torch.Tensor, guided: bool, device: torch.device) -> _Plan:
     if not guided:
         types = torch.zeros_like(types)  # an ablation: every token is routed by the gate
     groups = [(types == CATEGORY).nonzero(as_tuple=True)[0], (types == ATTRIBUTE).nonzero(as_tuple=True)[0]]
@@ -147,9 +154,7 @@ def _guided_plan(tt: torch.Tensor, guided: bool, device: torch.device) -> _Plan:
     packed = packed.to(device, non_blocking=True)
     sizes = tuple(len(g) for g in groups)
     rows = tuple(packed[:len(order)].split(sizes))
-    plan = _Plan(rows, sizes, packed[len(order):])
-    _last_plan[0] = (seen, guided, device, plan)
-    return plan
+    return _Plan(rows, sizes, packed[len(order):])
 
 
 def convert(layers: list[nn.Module], hidden: int, cfg: MoEConfig) -> list[GuidedMoE]:

@@ -38,7 +38,7 @@ faiss)
 build)
     for part in "$@"; do [ -f "$part" ] || { echo "missing piece $part"; exit 1; }; done
     source benchmarks/gpu_shim/setup.sh "$@" || exit 1
-    timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "ivfpq or streaming" 2>&1 \
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "ivfpq or streaming or 1792" 2>&1 \
         | tail -15
     timeout 320 python3 benchmarks/gpu_check.py stream --out "$out" --n 1000000 --queries 300 --cpu-deadline 200 \
         2>&1 | grep -v -i warn | tee "$out/stream.log" | tail -40

@@ -2,6 +2,8 @@
 searches, appends and deletes, memory-mapped loading, the streaming builder's resume and bad rows, and the
 indexer choosing the layout for large sets."""
 import json
+import types
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -296,8 +298,6 @@ def test_lists_assigned_outside_the_index_give_sa_encodes_codes(world, built, mo
     sees one (this machine has none: a CPU flat index stands in for the GPU copy). Its codes must be
     sa_encode's byte for byte, the build must answer as before, and an assigner that disagrees with the CPU
     is dropped with a warning instead of writing wrong lists."""
-    import types
-
     import faiss
 
     out, _ = built
@@ -340,6 +340,48 @@ def test_lists_assigned_outside_the_index_give_sa_encodes_codes(world, built, mo
     with pytest.warns(UserWarning, match="training on the CPU instead"):
         trained = fb.train_on_device(fresh, x)
     assert trained.is_trained
+
+
+def test_an_index_too_big_for_the_gpu_still_runs_its_k_means_there(monkeypatch):
+    """moon-mini's 1,792-d vectors get PQ448, more sub-quantisers than faiss's GPU kernels take, so the whole
+    index cannot train on the GPU; its coarse k-means (the costly part) still runs there through a flat
+    index over the centroids. CPU stand-ins for the GPU (this machine has none): the refused copy raises,
+    the "GPU flat index" is a CPU one. The trained index must be the one a plain CPU training gives."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4000, 64)).astype(np.float32)
+    faiss.normalize_L2(x)
+    recipe = "IVF32,PQ16np"
+
+    def fresh():
+        index = faiss.index_factory(64, recipe, faiss.METRIC_INNER_PRODUCT)
+        faiss.extract_index_ivf(index).cp.seed = 3
+        return index
+
+    plain = fresh()
+    plain.train(x)
+    flats = []
+
+    def to_gpu(index, co=None):
+        if not isinstance(index, faiss.IndexFlat):
+            raise RuntimeError("Error: 'requiredSmemSize <= getMaxSharedMemPerBlock(config_.device)' failed")
+        flats.append(index)
+        return index
+
+    monkeypatch.setattr(fb, "gpu_available", lambda: True)
+    monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", lambda: types.SimpleNamespace(), raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_gpu)
+    said = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: this is the planned path
+        trained = fb.train_on_device(fresh(), x, said.append)
+    assert len(flats) == 1 and flats[0].metric_type == faiss.METRIC_INNER_PRODUCT and flats[0].ntotal == 32
+    assert said and "coarse k-means on the GPU" in said[0] and "requiredSmemSize" in said[0]
+    assert faiss.extract_index_ivf(trained).clustering_index is None  # not kept past the training
+    centroids = [faiss.extract_index_ivf(i).quantizer.reconstruct_n(0, 32) for i in (trained, plain)]
+    assert np.array_equal(*centroids)
+    assert np.array_equal(trained.sa_encode(x), plain.sa_encode(x))
 
 
 def test_shared_sets_get_twice_the_lists_of_one_global_index_up_to_a_cap():

@@ -112,17 +112,33 @@ def _to_gpus(index: faiss.Index) -> faiss.Index:
     return faiss.index_cpu_to_all_gpus(index, co=co)
 
 
-def train_on_device(index: faiss.Index, sample: np.ndarray) -> faiss.Index:
+def train_on_device(index: faiss.Index, sample: np.ndarray, log=None) -> faiss.Index:
     """Train a fresh IVF index on the GPU when faiss sees one (k-means over 8,192 lists took 30 s on an H200
-    where 12 CPU cores took 105 s), else on the CPU; returns the trained CPU index. If the GPU fails, it
-    warns and trains on the CPU."""
+    where 12 CPU cores took 105 s), else on the CPU; returns the trained CPU index. Where the GPU cannot
+    hold the whole index (its PQ kernels take at most 96 sub-quantisers: moon-mini's 1,792-d vectors get
+    PQ448), the coarse k-means, the costly part, still runs there (a flat index over the centroids does
+    its assignments) and the rest trains on the CPU; ``log`` says so. If the GPU fails, it warns and
+    trains on the CPU."""
     if gpu_available():
         try:
             work = _to_gpus(index)
             work.train(sample)
             return faiss.index_gpu_to_cpu(work)
         except RuntimeError as e:
+            whole = str(e).strip().splitlines()[-1][:200]
+        ivf = faiss.extract_index_ivf(index)
+        try:
+            assign = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(ivf.d, ivf.metric_type))
+            ivf.clustering_index = assign
+            index.train(sample)
+            if log:
+                log(f"coarse k-means on the GPU, the rest of the training on the CPU (the GPU cannot hold the "
+                    f"whole index: {whole})")
+            return index
+        except RuntimeError as e:
             warnings.warn(f"training on the GPU failed, training on the CPU instead: {e}", stacklevel=2)
+        finally:
+            ivf.clustering_index = None
     index.train(sample)
     return index
 

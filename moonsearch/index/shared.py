@@ -84,16 +84,17 @@ class SharedQuantizer:
         return factory, fb.train_points(factory, n_total, params)
 
     @classmethod
-    def train(cls, sample: np.ndarray, n_total: int, params: fb.IndexParams, seed: int = 0) -> "SharedQuantizer":
+    def train(cls, sample: np.ndarray, n_total: int, params: fb.IndexParams, seed: int = 0,
+              log=None) -> "SharedQuantizer":
         """Train the template on ``sample`` (rows drawn from the whole set, ``plan``'s size) for ``n_total``
-        items."""
+        items (on the GPU where there is one: ``faiss_backend.train_on_device``, which reports to ``log``)."""
         sample = np.ascontiguousarray(sample, np.float32)
         d = sample.shape[1]
         factory, _ = cls.plan(n_total, d, params)
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.seed = seed
-        index = fb.train_on_device(index, sample)
+        index = fb.train_on_device(index, sample, log)
         blob = fb.serialize(index)
         infos = {"factory": factory, "dim": d, "metric": "inner_product", "trained_on": int(len(sample)),
                  "for_items": int(n_total), "id": hashlib.sha1(blob).hexdigest()[:16],

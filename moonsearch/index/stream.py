@@ -137,7 +137,7 @@ def build_from_vectors(catalog_path: Path, vectors_path: Path, out: Path, params
         sample = np.asarray(vectors[pick], np.float32)
         faiss.normalize_L2(sample)
         t = time.time()
-        shared = SharedQuantizer.train(sample, len(rows), params)
+        shared = SharedQuantizer.train(sample, len(rows), params, log=log)
         shared.save(work)
         log(f"trained {shared.factory} on {len(sample):,} points in {time.time() - t:.1f}s")
     # 2. encode chunk by chunk; float16 vectors go straight into each category's vectors.npy

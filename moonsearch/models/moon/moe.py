@@ -83,7 +83,7 @@ class GuidedMoE(nn.Module):
         for e in (0, 1):  # category and attribute tokens: their expert, no gate
             if plan.sizes[e]:
                 outs.append(self.experts[e](flat.index_select(0, plan.rows[e])).to(flat.dtype))
-        counts = [plan.sizes[0], plan.sizes[1]] + [0] * self.cfg.n_general
+        per_gate = [0] * self.cfg.n_general  # tokens each general expert receives
         G = plan.sizes[2]
         if G:
             xs = flat.index_select(0, plan.rows[2])  # (G, H)
@@ -96,13 +96,11 @@ class GuidedMoE(nn.Module):
             per_expert = torch.bincount(chosen, minlength=self.cfg.n_general)
             order = chosen.argsort(stable=True)
             token = order // self.cfg.top_k
-            sizes = per_expert.tolist()
+            per_gate = per_expert.tolist()
             xin = xs.index_select(0, token)
-            ys = [self.experts[2 + j](part) for j, part in enumerate(xin.split(sizes)) if sizes[j]]
+            ys = [self.experts[2 + j](part) for j, part in enumerate(xin.split(per_gate)) if per_gate[j]]
             ys = torch.cat(ys).to(xs.dtype) * w.reshape(-1, 1).index_select(0, order)
             outs.append(torch.zeros_like(xs).index_add_(0, token, ys))
-            for j, n in enumerate(sizes):
-                counts[2 + j] = n
             # top-k picks distinct experts, so a token counts once for each expert it reaches
             self.aux_loss = self.cfg.n_general * (per_expert.float() / G * probs.mean(0)).sum()
         else:
@@ -110,7 +108,7 @@ class GuidedMoE(nn.Module):
         out = torch.cat(outs).index_select(0, plan.inverse)  # back to the tokens' own order
         if self.shared is not None and not self.cfg.low_rank:
             out = (out + self.shared(flat)) / 2  # the mean keeps the upcycled layer's output at init
-        self.counts += torch.tensor(counts)
+        self.counts += torch.tensor([plan.sizes[0], plan.sizes[1], *per_gate])
         return out.reshape(B, T, H)
 
 

@@ -619,11 +619,17 @@ def moon_section(assets: Path, dry: bool, log=print, variants: tuple[str, ...] =
             p.grad = None
 
     train_flops = {}
+
+    def train_row(tb: int, seconds: float, spec: str) -> dict:
+        f = train_flops[tb]
+        return dict(step="train fwd+bwd", batch=tb, variant=spec, products_per_s=round(tb / seconds, 2),
+                    gflop_per_product=round(f / tb / 1e9, 2), achieved_tflops=round(f / seconds / 1e12, 4))
+
     for tb, inputs in list(train_inputs.items()):
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
         try:
-            f = train_flops[tb] = flops(lambda: step(inputs))
+            train_flops[tb] = flops(lambda: step(inputs))
             s = timed(lambda: step(inputs), 2 if dry else 4)
         except torch.OutOfMemoryError as e:  # a batch too big for the card is reported, not fatal
             del train_inputs[tb]
@@ -633,8 +639,7 @@ def moon_section(assets: Path, dry: bool, log=print, variants: tuple[str, ...] =
                 p.grad = None
             torch.cuda.empty_cache()
             continue
-        row = dict(step="train fwd+bwd", batch=tb, variant="as built", products_per_s=round(tb / s, 2),
-                   gflop_per_product=round(f / tb / 1e9, 2), achieved_tflops=round(f / s / 1e12, 4))
+        row = train_row(tb, s, "as built")
         if dev == "cuda":
             row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 1)
         rows.append(row)
@@ -666,10 +671,7 @@ def moon_section(assets: Path, dry: bool, log=print, variants: tuple[str, ...] =
         moon.train()
         for tb, inputs in train_inputs.items():
             timed(lambda: step(inputs), 1)
-            st = timed(lambda: step(inputs), 2 if dry else 4)
-            f = train_flops[tb]
-            rt = dict(step="train fwd+bwd", batch=tb, variant=spec, products_per_s=round(tb / st, 2),
-                      gflop_per_product=round(f / tb / 1e9, 2), achieved_tflops=round(f / st / 1e12, 4))
+            rt = train_row(tb, timed(lambda: step(inputs), 2 if dry else 4), spec)
             rows.append(rt)
             log(f"  variant {spec}: train {rt}")
         save(dict(out, rows=rows, variants=applied))

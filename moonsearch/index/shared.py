@@ -299,10 +299,10 @@ class SharedQuantizer:
         if sizes is None and filled <= view.nlist:
             Dq, Iq = self.probe_lists(indices, xq, probes)
         else:
-            held = self._selector(local if sizes is None else sizes)
-            if held is None:
+            chosen = self._selector(local if sizes is None else sizes)
+            if chosen is None:
                 return view.search(xq, n, params=faiss.SearchParametersIVF(nprobe=probes))
-            nonempty, sel, sub = held
+            nonempty, sel, sub = chosen
             probes = min(probes, len(nonempty))
             if sub is not None:
                 Dq, Iq = sub.search(xq, probes)

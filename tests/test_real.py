@@ -91,6 +91,12 @@ def test_photos_never_make_a_product_harder_to_find_by_text(name, request, eval_
         assert res["rows"][variant]["text"]["R@1"] >= res["rows"]["no photos"]["text"]["R@1"] - 1 / 60
     # and the photos do their job: another artist's drawing finds the product more often with them
     assert res["rows"]["clean+listing"]["image"]["R@10"] > res["rows"]["no photos"]["image"]["R@10"]
+    # the image figure split by the vendor of the product sought adds up to the whole
+    by_vendor = res["image by product vendor (clean+listing)"]
+    assert set(by_vendor) <= set(real.splits()["eval"].products)
+    whole = res["rows"]["clean+listing"]["image"]
+    assert sum(v["n"] for v in by_vendor.values()) == whole["n"]
+    assert sum(v["R@10"] * v["n"] for v in by_vendor.values()) == pytest.approx(whole["R@10"] * whole["n"])
 
 
 @pytest.mark.slow  # ~13 s: make test-slow (CI runs it); the property itself is checked above in make test
@@ -120,3 +126,44 @@ def test_the_crop_bench_scores_croppers_on_real_listing_photos():
     assert set(real_rows) == {"no crop", "centre", "detector"} and real_rows["detector"]["images"] == 30
     assert real_rows["detector"]["mean_iou"] > real_rows["centre"]["mean_iou"] > real_rows["no crop"]["mean_iou"]
     assert real_rows["detector"]["hit_rate@0.5"] > real_rows["centre"]["hit_rate@0.5"]
+
+
+@pytest.mark.slow  # fetches the wide pool's ~36 icon sets once (npm): make test-slow
+def test_the_real_training_world_adds_real_artwork_beside_the_demo_world_for_training_only(world, tmp_path):
+    """benchmarks/real_training.py's world: the demo world whole (its test split untouched), real drawn
+    products from the wide pool queried by name and by other vendors' drawings, all in the training
+    split; the MOON trainer reads it."""
+    import pyarrow.parquet as pq
+
+    from moonsearch.trainer.config import load_config
+    from moonsearch.trainer.data import Batches, load_pairs
+
+    out = tmp_path / "demo-real"
+    stats = real.write_training_world(out, world, limit=40)
+    cat = pq.read_table(out / "catalog.parquet").to_pylist()
+    beh = pq.read_table(out / "behavior.parquet").to_pylist()
+    demo_cat = pq.read_table(world / "catalog.parquet").to_pylist()
+    demo_beh = pq.read_table(world / "behavior.parquet").to_pylist()
+    assert cat[:len(demo_cat)] == demo_cat and beh[:len(demo_beh)] == demo_beh
+    assert [b for b in beh if b["split"] == "test"] == [b for b in demo_beh if b["split"] == "test"]
+    products = cat[len(demo_cat):]
+    queries = beh[len(demo_beh):]
+    assert len(products) == stats["real products"] == 40 and len(queries) == stats["real queries"]
+    assert all(q["split"] == "train" for q in queries)
+    train_times = [b["timestamp"] for b in demo_beh if b["split"] == "train"]
+    assert min(train_times) <= min(q["timestamp"] for q in queries) <= max(q["timestamp"] for q in queries) <= max(train_times)
+    titles = {p["item_id"]: p["title"] for p in products}
+    assert {q["query_text"] for q in queries if q["modality"] == "text"} == set(titles.values())
+    image_queries = [q for q in queries if q["modality"] == "image"]
+    assert len(image_queries) >= 20
+    held_out = {v for sp in real.splits().values() for v in sp.products + sp.queries} | set(real.EVAL_RELATIVES)
+    for q in image_queries:  # another vendor's drawing of the same object, from the wide pool's glyph sets
+        vendor = q["query_image"].rsplit("_q", 1)[1].removesuffix(".png")
+        assert vendor in real.WIDE_GLYPHS and vendor not in held_out and not real.is_emoji(vendor)
+    cfg = load_config("moon-mini-real", data=str(out))
+    train, _ = load_pairs(out, cfg)
+    batches = Batches(out, cfg)
+    pair = next(p for p in train if p.item_id in titles and p.modality == "image")
+    product = batches.product(pair.item_id)
+    assert product.title == titles[pair.item_id] and len(product.images) == 2  # clean drawing + listing photo
+    assert product.images[1].size == (320, 320) and batches.query(pair).image is not None

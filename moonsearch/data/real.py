@@ -33,6 +33,7 @@ from PIL import Image
 
 from moonsearch.data.render import PHOTOS, photo
 from moonsearch.errors import UnknownItem, UserError
+from moonsearch.utils.io import atomic_path
 
 # set -> pinned version; "colour" sets are drawn in colour, the rest are glyphs drawn in one ink
 SOURCES = {
@@ -289,19 +290,20 @@ def product_concepts(source: str) -> dict[str, str]:
     return cs
 
 
-def build_wide(seed: int = 1, size: int = 224) -> RealSet:
+def build_wide(seed: int = 1, size: int = 224, limit: int | None = None) -> RealSet:
     """The wide fitting pool as a set: products are the colour drawings of streamline-ultimate-color (the
     fit split's, name prefix dropped) and IconPark's multi-colour icons, each with a listing photo over the
     fit split's photographs; image queries are every wide glyph vendor's drawing of the same concept (one
-    query per vendor that draws it). Never judged on: a check of a map fitted here holds vendors out."""
+    query per vendor that draws it). Never judged on: a check of a map fitted here holds vendors out.
+    ``limit``: the first products only (in concept order)."""
     check_wide_pool()
     rng = np.random.default_rng(seed)
     chosen: dict[str, tuple[str, str]] = {}
     for src in ("streamline-ultimate-color", "icon-park"):
         for c, name in product_concepts(src).items():
             chosen.setdefault(c, (src, name))
-    out = _products("wide", sorted(chosen), chosen, splits()["fit"].photos, rng, size)
-    names = sorted(chosen)
+    names = sorted(chosen)[:limit]
+    out = _products("wide", names, chosen, splits()["fit"].photos, rng, size)
     glyphs = {g: concepts(g) for g in WIDE_GLYPHS}
     for i, c in enumerate(names):
         for g, gc in glyphs.items():
@@ -309,3 +311,84 @@ def build_wide(seed: int = 1, size: int = 224) -> RealSet:
                 out.queries.append({"modality": "image", "text": None, "image": draw(g, gc[c], size),
                                     "item_id": out.item_ids[i], "source": g})
     return out
+
+
+def write_training_world(out: str | Path, demo: str | Path, seed: int = 1, image_queries: int = 1,
+                         text_image_every: int = 3, limit: int | None = None, progress=None) -> dict:
+    """A training world for the MOON trainer: the demo world beside the wide pool's real artwork.
+
+    ``out/catalog.parquet`` holds the demo catalog and the wide pool's 1,565 products (``limit``: the
+    first ones only; title = the concept's words, pictures = clean drawing + listing photo, no category
+    or attributes: the pool has none); ``out/behavior.parquet`` holds the demo log unchanged (its test split stays the demo world's
+    test split) and, for each real product, a TRAIN query by its name, ``image_queries`` drawings of it
+    by other (glyph) vendors and, for every ``text_image_every``-th product (where it has a drawing),
+    drawing + head noun. Real queries get times inside the demo's training period, so validation sees both
+    worlds. The demo's pictures are linked, not copied. Only the wide pool's sources are read: no eval
+    vendor, no relative of one, no emoji artwork (``check_wide_pool``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from moonsearch.utils.io import atomic_write_parquet
+
+    out, demo = Path(out), Path(demo).resolve()
+    if out.resolve() == demo:
+        raise UserError(f"{out}: the training world goes beside the demo world, not into it")
+    for f in ("catalog.parquet", "behavior.parquet"):
+        if not (demo / f).exists():
+            raise UserError(f"{demo / f} not found: build the demo world first (moonsearch demo-data --out {demo})")
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("images", "queries"):
+        link = out / sub
+        if not link.exists():
+            link.symlink_to(demo / sub, target_is_directory=True)
+    wide = build_wide(seed, limit=limit)
+    rng = np.random.default_rng([seed, 7])
+    (out / "real").mkdir(exist_ok=True)
+    tick = progress(len(wide.item_ids)) if progress else None
+    by_item: dict[str, list[dict]] = {}
+    for q in wide.queries:
+        by_item.setdefault(q["item_id"], []).append(q)
+    cat = pq.read_table(demo / "catalog.parquet")
+    beh = pq.read_table(demo / "behavior.parquet")
+    train_ts = [t for t, s in zip(beh["timestamp"].to_pylist(), beh["split"].to_pylist()) if s == "train"]
+    t0, t1 = min(train_ts), max(train_ts)
+    rows, queries = [], []
+    for i, item in enumerate(wide.item_ids):
+        refs = []
+        for k, img in enumerate((wide.clean[i], wide.listing[i])):
+            ref = f"real/{item}_{k}.png"
+            if not (out / ref).exists():
+                with atomic_path(out / ref) as p:
+                    img.save(p, format="PNG")
+            refs.append(ref)
+        x0, y0, x1, y1 = wide.listing_boxes[i]
+        side = wide.listing[i].width
+        rows.append({"item_id": item, "title": wide.titles[i], "category": [], "attributes": [], "images": refs,
+                     "image_boxes": [[0.0, 0.0, 1.0, 1.0], [x0 / side, y0 / side, x1 / side, y1 / side]],
+                     "group_id": item, "price": None})
+        queries.append((wide.titles[i], None, "text", item))
+        drawn = by_item.get(item, [])
+        picked = rng.choice(len(drawn), size=min(image_queries, len(drawn)), replace=False) if drawn else []
+        for n, j in enumerate(picked):
+            q = drawn[int(j)]
+            ref = f"real/{item}_q{q['source']}.png"
+            if not (out / ref).exists():
+                with atomic_path(out / ref) as p:
+                    q["image"].save(p, format="PNG")
+            queries.append((None, ref, "image", item))
+            if n == 0 and i % text_image_every == 0:
+                queries.append((wide.titles[i].split()[-1], ref, "text+image", item))
+        if tick:
+            tick()
+    real_cat = pa.Table.from_pylist(rows, schema=cat.schema)
+    atomic_write_parquet(pa.concat_tables([cat, real_cat]), out / "catalog.parquet")
+    times = sorted(t0 + (t1 - t0) * float(u) for u in rng.random(len(queries)))
+    order = rng.permutation(len(queries))
+    real_beh = pa.Table.from_pylist([
+        {"query_id": f"R{k:07d}", "query_text": queries[j][0], "query_image": queries[j][1],
+         "modality": queries[j][2], "item_id": queries[j][3], "timestamp": times[k], "user_id": "real",
+         "split": "train"} for k, j in enumerate(order)], schema=beh.schema)
+    atomic_write_parquet(pa.concat_tables([beh, real_beh]), out / "behavior.parquet")
+    mods = real_beh["modality"].to_pylist()
+    return {"demo products": cat.num_rows, "real products": len(rows), "real queries": len(queries),
+            **{f"real {m} queries": mods.count(m) for m in ("text", "image", "text+image")}}

@@ -45,7 +45,8 @@ def ranks(xq: np.ndarray, xb: np.ndarray, item_ids: Sequence[str], targets: Sequ
 
 
 def evaluate(encoder: Encoder, data: RealSet, variants: Sequence[str] = VARIANTS) -> dict:
-    """{"model", "split", "rows": {variant: {modality: summary}}, "text_rank_change": {...}}."""
+    """{"model", "split", "rows": {variant: {modality: summary}}, "text_rank_change": {...}, "image by
+    product vendor (<first variant>)": {vendor: summary}}."""
     xq = query_vectors(encoder, data)
     targets = [q["item_id"] for q in data.queries]
     mods = np.array([q["modality"] for q in data.queries])
@@ -55,8 +56,12 @@ def evaluate(encoder: Encoder, data: RealSet, variants: Sequence[str] = VARIANTS
         r = ranks(xq, xb, data.item_ids, targets, k=len(data.item_ids))
         rows[v] = {m: summarize(r[mods == m], (1, 5, 10)) for m in MODALITIES if (mods == m).any()}
         text_ranks[v] = r[mods == "text"]
+        if v == variants[0]:  # image queries by the vendor of the product they look for
+            vendor = np.array([dict(zip(data.item_ids, data.sources))[t] for t in targets])
+            by_vendor = {s: summarize(r[(mods == "image") & (vendor == s)], (1, 10))
+                         for s in sorted(set(data.sources)) if ((mods == "image") & (vendor == s)).any()}
     out = {"model": encoder.name, "fingerprint": encoder.fingerprint, "split": data.split,
-           "products": len(data.item_ids), "rows": rows}
+           "products": len(data.item_ids), "rows": rows, f"image by product vendor ({variants[0]})": by_vendor}
     if "no photos" in text_ranks:
         base = text_ranks["no photos"]
         out["text_rank_change"] = {v: {"worse": int((r > base).sum()), "better": int((r < base).sum()),

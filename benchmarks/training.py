@@ -18,6 +18,8 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
+from moonsearch.models.moon import served_as, serving_settings
+
 PRESETS = ["moon-mini-cpu", "clip-finetune", "moon-mini-no-moe", "moon-mini-unguided", "moon-mini-no-crops",
            "moon-mini-in-batch"]
 
@@ -30,18 +32,6 @@ def speed(run: Path) -> dict:
     val = [r for r in rows if "val_recall@10" in r]
     return {**med, "steps": len(steps) + 5, "val_recall@10_first": val[0]["val_recall@10"],
             "val_recall@10_last": val[-1]["val_recall@10"]}
-
-
-# MoonConfig fields that only say how a trained model is served, not what training changed: pooling (the
-# shipped moon-mini trains with split pooling and serves blocks) and the fixed visual and text blocks
-SERVED_FIELDS = ("pool", "text_pool_weight", "image_to_text_weight", "text_block", "visual_product",
-                 "visual_image_query", "visual_text_image_query", "visual_whitening", "visual_crops", "visual_tower")
-
-
-def serving_settings(reference: Path) -> dict:
-    """SERVED_FIELDS as the MOON checkpoint ``reference`` has them."""
-    ref = json.loads((reference / "config.json").read_text())["moon"]
-    return {k: ref[k] for k in SERVED_FIELDS if k in ref}
 
 
 def served_like(final: Path, reference: Path) -> Path:
@@ -57,7 +47,7 @@ def served_like(final: Path, reference: Path) -> Path:
     if not is_checkpoint(final):
         raise ValueError(f"{final} is not a MOON checkpoint")
     conf = json.loads((final / "config.json").read_text())
-    conf["moon"] = {**conf["moon"], **serving_settings(reference)}
+    conf["moon"] = served_as(conf["moon"], reference)
     conf.setdefault("meta", {})["served_like"] = str(reference)
     tag = hashlib.sha1(json.dumps(conf["moon"], sort_keys=True).encode()).hexdigest()[:8]
     out = final.with_name(f"{final.name}-served-{tag}")

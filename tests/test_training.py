@@ -623,7 +623,7 @@ def test_training_bench_judges_a_trained_moon_as_the_reference_is_served(tmp_pat
     from safetensors.torch import load_file
 
     from moonsearch.models.base import Query
-    from moonsearch.models.moon import builtin_config
+    from moonsearch.models.moon import SERVED_FIELDS, builtin_config
     from moonsearch.models.moon.encoder import build_model, load_pretrained, save_pretrained
 
     spec = importlib.util.spec_from_file_location("bench_training", os.path.join(
@@ -639,8 +639,8 @@ def test_training_bench_judges_a_trained_moon_as_the_reference_is_served(tmp_pat
     assert (out / "model.safetensors").read_bytes() == (final / "model.safetensors").read_bytes()
     conf, before = json.loads((out / "config.json").read_text()), json.loads((final / "config.json").read_text())
     assert conf["moon"]["pool"] == "blocks" and conf["moon"]["text_pool_weight"] == 0.8
-    assert {k: v for k, v in conf["moon"].items() if k not in bench.SERVED_FIELDS} == \
-        {k: v for k, v in before["moon"].items() if k not in bench.SERVED_FIELDS}  # the recipe itself unchanged
+    assert {k: v for k, v in conf["moon"].items() if k not in SERVED_FIELDS} == \
+        {k: v for k, v in before["moon"].items() if k not in SERVED_FIELDS}  # the recipe itself unchanged
     assert conf["meta"]["steps"] == 7
     enc = load_pretrained(out)
     state = load_file(str(final / "model.safetensors"))
@@ -655,3 +655,35 @@ def test_training_bench_judges_a_trained_moon_as_the_reference_is_served(tmp_pat
         (tmp_path / "clip").mkdir()
         (tmp_path / "clip" / "config.json").write_text(json.dumps({"format": "moonsearch-clip-mini/1"}))
         bench.served_like(tmp_path / "clip", reference)
+
+
+def test_publishing_moon_mini_keeps_how_it_is_served(tmp_path, monkeypatch):
+    """A moon-mini run trains with split pooling; published, its weights are served as moon-mini was
+    (block pooling and the fixed blocks, chosen on real artwork), so a product's photos still never make
+    it harder to find by its own name. The weights are the run's."""
+    import json
+    import shutil
+
+    import moonsearch.models.moon as moon
+    from safetensors.torch import load_file
+
+    from moonsearch.models.moon.encoder import load_pretrained
+    from moonsearch.trainer.loop import publish_moon_mini
+
+    shipped = tmp_path / "assets" / "moon-mini"
+    shutil.copytree(moon.MINI_CHECKPOINT, shipped)
+    monkeypatch.setattr(moon, "MINI_CHECKPOINT", shipped)
+    final = tmp_path / "runs" / "moon-mini-cpu" / "final"  # what a fresh run writes: its training settings
+    shutil.copytree(shipped, final)
+    conf = json.loads((final / "config.json").read_text())
+    conf["moon"].update(pool="split", image_to_text_weight=0.6)
+    conf["meta"] = {"steps": 3}
+    (final / "config.json").write_text(json.dumps(conf))
+    assert publish_moon_mini(final) == shipped
+    got = json.loads((shipped / "config.json").read_text())
+    assert got["moon"]["pool"] == "blocks" and "image_to_text_weight" not in got["moon"]
+    assert got["meta"]["steps"] == 3 and "kept from the previous moon-mini" in got["meta"]["serving"]
+    assert load_pretrained(shipped).cfg.pool == "blocks"
+    assert load_file(str(shipped / "model.safetensors")).keys() == load_file(str(final / "model.safetensors")).keys()
+    publish_moon_mini(final, keep_serving=False)  # as trained, when asked
+    assert json.loads((shipped / "config.json").read_text())["moon"]["pool"] == "split"

@@ -345,19 +345,28 @@ def train(cfg: TrainConfig, log=print, progress=None, stop_after: int | None = N
     return final
 
 
-def publish_moon_mini(final: Path) -> Path:
-    """Make a trained moon-mini checkpoint the package's ``moon-mini`` weights (trained tensors only)."""
-    from moonsearch.models.moon import MINI_CHECKPOINT
+def publish_moon_mini(final: Path, keep_serving: bool = True) -> Path:
+    """Make a trained moon-mini checkpoint the package's ``moon-mini`` weights (trained tensors only).
+
+    ``keep_serving``: the new weights are served as moon-mini was (SERVED_FIELDS: pooling, the fixed
+    visual and text blocks), not with the settings the run trained with. Those were chosen on real
+    artwork, and a run trains with split pooling: published as trained, a product's photos could again
+    make it harder to find by its own name."""
+    from moonsearch.models.moon import MINI_CHECKPOINT, served_as, serving_settings
 
     conf = json.loads((Path(final) / "config.json").read_text())
     if conf.get("weights") != "trained" or conf["moon"].get("source") != "smollm2-135m":
         raise UserError(f"{final}: only a moon-mini run that stored its trained tensors alone can be published")
     from safetensors.torch import load_file, save_file
 
+    if keep_serving and (MINI_CHECKPOINT / "config.json").exists():
+        conf["moon"] = served_as(conf["moon"], MINI_CHECKPOINT)
+        conf.setdefault("meta", {})["serving"] = ("kept from the previous moon-mini: "
+                                                  f"{', '.join(sorted(serving_settings(MINI_CHECKPOINT)))}")
     tmp = MINI_CHECKPOINT.with_name(MINI_CHECKPOINT.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shutil.copy2(Path(final) / "config.json", tmp / "config.json")
+    (tmp / "config.json").write_text(json.dumps(conf, indent=2))
     # stored as float16 (4.3 MB instead of 8.6 MB; loading casts back: vectors agree to cosine 0.9999999)
     state = load_file(str(Path(final) / "model.safetensors"))
     save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, str(tmp / "model.safetensors"),

@@ -18,6 +18,27 @@ MINI = dict(backbone="composed", source="smollm2-135m", num_layers=6, grid=2, im
             text_first=True, visual_product=0.7071, text_block=0.55, visual_tower="real-pool-v1")
 MINI_MOE = dict(low_rank=32)
 
+# MoonConfig fields that only say how a trained model is served, not what training changed: pooling (the
+# shipped moon-mini trains with split pooling and serves blocks) and the fixed visual and text blocks
+SERVED_FIELDS = ("pool", "text_pool_weight", "image_to_text_weight", "text_block", "visual_product",
+                 "visual_image_query", "visual_text_image_query", "visual_whitening", "visual_crops", "visual_tower")
+
+
+def serving_settings(checkpoint: Path) -> dict:
+    """SERVED_FIELDS as the MOON checkpoint folder ``checkpoint`` has them (a field it lacks is served
+    at MoonConfig's default)."""
+    import json
+
+    ref = json.loads((Path(checkpoint) / "config.json").read_text())["moon"]
+    return {k: ref[k] for k in SERVED_FIELDS if k in ref}
+
+
+def served_as(moon: dict, checkpoint: Path) -> dict:
+    """A checkpoint config's ``moon`` section with ``checkpoint``'s serving settings: its SERVED_FIELDS
+    copied, and the ones it lacks dropped (so both get the default)."""
+    kept = serving_settings(checkpoint)
+    return {**{k: v for k, v in moon.items() if k not in SERVED_FIELDS}, **kept}
+
 
 def builtin_config(name: str):
     """The MoonConfig behind a builtin untrained name (``moon-mini-base``, ``moon-tiny``) or a Qwen-VL

@@ -418,8 +418,12 @@ def train(
             raise UserError(f"--set {kv!r}: expected key=value")
         k, v = kv.split("=", 1)
         extra[k.strip()] = yaml.safe_load(v)
-    cfg = load_config(preset, config, model=model, data=data, out=out, run_name=run_name, steps=steps,
-                      batch_size=batch_size, queue_size=queue_size, hard_negatives=hard_negatives, **extra)
+    named = dict(model=model, data=data, out=out, run_name=run_name, steps=steps, batch_size=batch_size,
+                 queue_size=queue_size, hard_negatives=hard_negatives)
+    for k, v in extra.items():  # --set steps=400 is the same as --steps 400; both, differing, is an error
+        if named.get(k) is not None and named[k] != v:
+            raise UserError(f"--set {k}={v!r} and --{k.replace('_', '-')} {named[k]!r} disagree: give one")
+    cfg = load_config(preset, config, **{**extra, **{k: v for k, v in named.items() if v is not None}})
     if dry_run:
         print_memory_estimate(cfg, world or int(os.environ.get("WORLD_SIZE", "1")))
         return

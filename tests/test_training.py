@@ -594,6 +594,14 @@ def test_memory_estimate_counts_real_parameters_and_the_3b_preset_fits_80gb(tmp_
     assert full.params_experts > 9e9 and full.total_gb > 80
     res = CliRunner().invoke(app, ["train", "--preset", "moon-qwen2.5-vl-3b", "--dry-run", "--world", "8"])
     assert res.exit_code == 0 and "memory per rank" in res.output and "3.75B" in res.output
+    assert "micro-batch 16 queries" in " ".join(res.output.split())  # 256 over 8 ranks and 2 micro-batches
+    # --set reaches keys that have their own option too (it crashed on them), and a clash is named
+    res = CliRunner().invoke(app, ["train", "--preset", "moon-qwen2.5-vl-3b", "--dry-run", "--world", "8",
+                                   "--set", "batch_size=32"])
+    assert res.exit_code == 0 and "micro-batch 2 queries" in " ".join(res.output.split()), res.output
+    res = CliRunner().invoke(app, ["train", "--preset", "moon-qwen2.5-vl-3b", "--dry-run", "--set", "batch_size=32",
+                                   "--batch-size", "16"])
+    assert res.exit_code != 0 and "--set batch_size=32 and --batch-size 16 disagree" in " ".join(res.output.split())
 
 
 def test_gradient_checkpointing_takes_the_same_step(train_cfg, tmp_path):

@@ -94,23 +94,23 @@ def cmd_judge(a) -> None:
             m[s if s == "zero-shot" else f"real {s}"] = json.loads(f.read_text())
         m["zero-shot"]["encoder"] = label
         out["models"][label] = m
+    stored = json.loads((ROOT / "benchmarks/figures/zero-shot-tower.json").read_text())  # same protocol
     if a.clip_run:
         ref = out["models"][f"clip-finetune ({a.clip_run.parent.name})"]["zero-shot"]
-    else:  # the plain clip-finetune's row, same protocol
-        ref = [r for r in json.loads((ROOT / "benchmarks/figures/zero-shot-tower.json").read_text())
-               if "clip-finetune" in r["encoder"]][0]
+    else:  # the plain clip-finetune's stored row
+        ref = next(r for r in stored if "clip-finetune" in r["encoder"])
     out["reference"] = ref["encoder"]
-    shipped_clip = [r for r in json.loads((ROOT / "benchmarks/figures/zero-shot-tower.json").read_text())
-                    if r["encoder"] == "clip-mini"][0]  # the other target: level or ahead of it on 14 of 21
+    shipped_clip = next(r for r in stored if r["encoder"] == "clip-mini")  # the other target: 14 of 21
     for m in out["models"].values():
         m["vs clip-finetune (ahead, level, behind)"] = ahead(m["zero-shot"], ref)
         m["vs shipped clip-mini (ahead, level, behind)"] = ahead(m["zero-shot"], shipped_clip)
     lines = []
+    first = next(iter(out["models"].values()))
     for s in splits:
+        vendors = list(first[f"real {s}"][VENDORS])
         lines += [f"**Real artwork, {s} split** (R@10; listing: the listing photo alone)", "",
                   "| model | text | image | text+image | image, listing only | photos hurt text | " +
-                  " | ".join(f"image, {v} targets" for v in next(iter(out['models'].values()))[f'real {s}'][VENDORS]) + " |",
-                  "|---" * (6 + len(next(iter(out['models'].values()))[f'real {s}'][VENDORS])) + "|"]
+                  " | ".join(f"image, {v} targets" for v in vendors) + " |", "|---" * (6 + len(vendors)) + "|"]
         for label, m in out["models"].items():
             r = m[f"real {s}"]
             cl, li = r["rows"]["clean+listing"], r["rows"]["listing"]
@@ -119,7 +119,7 @@ def cmd_judge(a) -> None:
                          f"{cl['text+image']['R@10']:.3f} | {li['image']['R@10']:.3f} | {worse} | " +
                          " | ".join(f"{v['R@10']:.3f} ({v['n']})" for v in r[VENDORS].values()) + " |")
         lines.append("")
-    rows = list(task_values(next(iter(out["models"].values()))["zero-shot"]))
+    rows = list(task_values(first["zero-shot"]))
     extra = [] if a.clip_run else [out["reference"]]  # the stored reference row, when it is not judged here
     lines += ["**Demo world, zero-shot** (test split, 400 products)", "",
               "| task | " + " | ".join([*out["models"], *extra]) + " |", "|---" * (len(out["models"]) + len(extra) + 1) + "|"]

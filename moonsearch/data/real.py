@@ -319,12 +319,13 @@ def write_training_world(out: str | Path, demo: str | Path, seed: int = 1, image
 
     ``out/catalog.parquet`` holds the demo catalog and the wide pool's 1,565 products (``limit``: the
     first ones only; title = the concept's words, pictures = clean drawing + listing photo, no category
-    or attributes: the pool has none); ``out/behavior.parquet`` holds the demo log unchanged (its test split stays the demo world's
-    test split) and, for each real product, a TRAIN query by its name, ``image_queries`` drawings of it
-    by other (glyph) vendors and, for every ``text_image_every``-th product (where it has a drawing),
-    drawing + head noun. Real queries get times inside the demo's training period, so validation sees both
-    worlds. The demo's pictures are linked, not copied. Only the wide pool's sources are read: no eval
-    vendor, no relative of one, no emoji artwork (``check_wide_pool``)."""
+    or attributes: the pool has none); ``out/behavior.parquet`` holds the demo log unchanged (its test
+    split stays the demo world's test split) and, for each real product, a TRAIN query by its name,
+    ``image_queries`` drawings of it by other (glyph) vendors and, for every ``text_image_every``-th
+    product (where it has a drawing), drawing + head noun. Real queries get times inside the demo's
+    training period, so validation sees both worlds. The demo's pictures are linked, not copied. Only
+    the wide pool's sources are read: no eval vendor, no relative of one, no emoji artwork
+    (``check_wide_pool``). Pictures already written are kept, so a rerun only rewrites the tables."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -352,15 +353,15 @@ def write_training_world(out: str | Path, demo: str | Path, seed: int = 1, image
     beh = pq.read_table(demo / "behavior.parquet")
     train_ts = [t for t, s in zip(beh["timestamp"].to_pylist(), beh["split"].to_pylist()) if s == "train"]
     t0, t1 = min(train_ts), max(train_ts)
+    def saved(img: Image.Image, ref: str) -> str:
+        if not (out / ref).exists():
+            with atomic_path(out / ref) as p:
+                img.save(p, format="PNG")
+        return ref
+
     rows, queries = [], []
     for i, item in enumerate(wide.item_ids):
-        refs = []
-        for k, img in enumerate((wide.clean[i], wide.listing[i])):
-            ref = f"real/{item}_{k}.png"
-            if not (out / ref).exists():
-                with atomic_path(out / ref) as p:
-                    img.save(p, format="PNG")
-            refs.append(ref)
+        refs = [saved(img, f"real/{item}_{k}.png") for k, img in enumerate((wide.clean[i], wide.listing[i]))]
         x0, y0, x1, y1 = wide.listing_boxes[i]
         side = wide.listing[i].width
         rows.append({"item_id": item, "title": wide.titles[i], "category": [], "attributes": [], "images": refs,
@@ -371,10 +372,7 @@ def write_training_world(out: str | Path, demo: str | Path, seed: int = 1, image
         picked = rng.choice(len(drawn), size=min(image_queries, len(drawn)), replace=False) if drawn else []
         for n, j in enumerate(picked):
             q = drawn[int(j)]
-            ref = f"real/{item}_q{q['source']}.png"
-            if not (out / ref).exists():
-                with atomic_path(out / ref) as p:
-                    q["image"].save(p, format="PNG")
+            ref = saved(q["image"], f"real/{item}_q{q['source']}.png")
             queries.append((None, ref, "image", item))
             if n == 0 and i % text_image_every == 0:
                 queries.append((wide.titles[i].split()[-1], ref, "text+image", item))

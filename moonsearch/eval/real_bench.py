@@ -57,7 +57,8 @@ def evaluate(encoder: Encoder, data: RealSet, variants: Sequence[str] = VARIANTS
         rows[v] = {m: summarize(r[mods == m], (1, 5, 10)) for m in MODALITIES if (mods == m).any()}
         text_ranks[v] = r[mods == "text"]
         if v == variants[0]:  # image queries by the vendor of the product they look for
-            vendor = np.array([dict(zip(data.item_ids, data.sources))[t] for t in targets])
+            source = dict(zip(data.item_ids, data.sources))
+            vendor = np.array([source[t] for t in targets])
             by_vendor = {s: summarize(r[(mods == "image") & (vendor == s)], (1, 10))
                          for s in sorted(set(data.sources)) if ((mods == "image") & (vendor == s)).any()}
     out = {"model": encoder.name, "fingerprint": encoder.fingerprint, "split": data.split,

@@ -695,3 +695,56 @@ def test_publishing_moon_mini_keeps_how_it_is_served(tmp_path, monkeypatch):
     assert load_file(str(shipped / "model.safetensors")).keys() == load_file(str(final / "model.safetensors")).keys()
     publish_moon_mini(final, keep_serving=False)  # as trained, when asked
     assert json.loads((shipped / "config.json").read_text())["moon"]["pool"] == "split"
+
+
+def test_similarity_kl_is_zero_when_the_geometry_agrees_and_pulls_toward_the_teacher():
+    from moonsearch.training.losses import similarity_kl
+
+    g = torch.Generator().manual_seed(0)
+    teacher = F.normalize(torch.randn(8, 6, generator=g), dim=-1)
+    rot, _ = torch.linalg.qr(torch.randn(6, 6, generator=g))
+    same = F.pad(teacher @ rot, (0, 4))  # another space (10-d), the same similarities
+    assert similarity_kl(same, teacher).item() == pytest.approx(0.0, abs=1e-5)
+    raw = torch.randn(8, 10, generator=g, requires_grad=True)
+    opt = torch.optim.SGD([raw], lr=0.2)
+    first = similarity_kl(F.normalize(raw, dim=-1), teacher).item()
+    assert first > 0.1
+    for _ in range(200):
+        opt.zero_grad()
+        similarity_kl(F.normalize(raw, dim=-1), teacher).backward()
+        opt.step()
+    s = F.normalize(raw.detach(), dim=-1)
+    assert similarity_kl(s, teacher).item() < first / 3
+    off = ~torch.eye(8, dtype=torch.bool)  # the student's similarities now order pairs as the teacher's do
+    assert torch.corrcoef(torch.stack([(s @ s.T)[off], (teacher @ teacher.T)[off]]))[0, 1] > 0.8
+
+
+def test_distillation_pulls_moon_text_similarities_toward_minilm_and_only_moon_takes_it(world, tmp_path):
+    """distill_weight: the steps log the term, and MOON's text-only vectors of texts it never trained on
+    move toward MiniLM's similarities; the CLIP baselines refuse it by name (their text side is MiniLM)."""
+    from moonsearch.errors import UserError
+    from moonsearch.models.base import Query
+    from moonsearch.models.towers import MiniLMTextTower
+    from moonsearch.trainer.config import load_config
+    from moonsearch.trainer.loop import Trainer
+    from moonsearch.training.losses import similarity_kl
+
+    texts = ["red leather boots", "crimson ankle boots", "blue denim jacket", "navy jean coat",
+             "steel kitchen knife", "chef's cooking knife", "wooden garden chair", "oak patio seat"]
+    teacher = MiniLMTextTower().embed(texts)
+
+    def gap(tr):
+        return similarity_kl(torch.from_numpy(tr.enc.encode_queries([Query(t, None) for t in texts])), teacher).item()
+
+    after = {}
+    for w in (0.0, 1.0):  # the same run (seed, batches) without and with the term
+        tr = Trainer(load_config("moon-tiny-test", data=str(world), out=str(tmp_path / str(w)), steps=12, val_every=0,
+                                 ckpt_every=100, distill_weight=w, lr=3e-3))
+        before = gap(tr)
+        rows = [tr.train_step() for _ in range(12)]
+        assert all(math.isfinite(r["loss"]) for r in rows)
+        assert all(r["distill"] > 0 for r in rows) if w else all("distill" not in r for r in rows)
+        after[w] = gap(tr)
+    assert after[1.0] < 0.85 * after[0.0] < before  # contrastive steps alone close some of it (tiny model)
+    with pytest.raises(UserError, match="distill_weight"):
+        Trainer(load_config("clip-finetune", data=str(world), out=str(tmp_path), distill_weight=1.0))

@@ -44,6 +44,10 @@ class TrainConfig:
     served_loss: bool = field(default=False, metadata={
         "help": "score the loss on the vector as served: the trained part inside the encoder's fixed visual and "
                 "text blocks, so it learns what they miss (default: the trained part alone)"})
+    distill_weight: float = field(default=0.0, metadata={
+        "help": "MOON: weight of a distillation term pulling the trained text side's batch similarities (query "
+                "texts and product texts, encoded without pictures) toward MiniLM's (KL, UniME-style; 0: off)"})
+    distill_temperature: float = field(default=0.05, metadata={"help": "temperature of the distillation softmaxes"})
     aux_weight: float = field(default=0.01, metadata={"help": "weight of the MoE load-balancing loss"})
     modality_mix: tuple[int, int, int] = field(default=(12, 3, 2), metadata={"help": "text : image : text+image"})
     val_fraction: float = field(default=0.1, metadata={"help": "latest share of training pairs held out"})

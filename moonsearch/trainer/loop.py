@@ -46,7 +46,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, log=print):
-        from moonsearch.trainer.models import trainable
+        from moonsearch.trainer.models import Trainable, trainable
 
         self.cfg, self.log = cfg, log
         self.rank, self.world = rank_and_world()
@@ -65,6 +65,8 @@ class Trainer:
             for layer in getattr(getattr(self.model, "adapter", None), "decoder_layers", lambda: [])():
                 fully_shard(layer)
             fully_shard(self.model)
+        if cfg.distill_weight and type(self.tm).distill is Trainable.distill:
+            self.tm.distill([], [], cfg.distill_temperature)  # raises: says why this model has no such term
         self.params = self.tm.parameters()
         self.log_t = torch.nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)),
                                         requires_grad=cfg.learnable_temperature)
@@ -201,7 +203,8 @@ class Trainer:
         t0 = time.perf_counter()
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.step, cfg) * g["lr_scale"]
-        totals = {"loss": 0.0, "aux": 0.0, "candidates": 0, "data_s": 0.0, "forward_s": 0.0, "backward_s": 0.0}
+        totals = {"loss": 0.0, "aux": 0.0, "candidates": 0, "data_s": 0.0, "forward_s": 0.0, "backward_s": 0.0,
+                  **({"distill": 0.0} if cfg.distill_weight else {})}
         for micro in range(cfg.grad_accum):
             td = time.perf_counter()
             pairs = self.batch_at(self.step * cfg.grad_accum + micro)
@@ -231,6 +234,11 @@ class Trainer:
                                       cfg, self.queue, self.rank, self.world, 1 / self.log_t.exp())
             loss = scored.loss
             total = loss + cfg.aux_weight * (aux + aux_q)
+            if cfg.distill_weight:
+                with ctx:
+                    distill = self.tm.distill(products, queries, cfg.distill_temperature)
+                total = total + cfg.distill_weight * distill
+                totals["distill"] += float(distill.detach()) / cfg.grad_accum
             tb = time.perf_counter()
             (total / cfg.grad_accum).backward()
             totals["backward_s"] += time.perf_counter() - tb

@@ -70,6 +70,11 @@ class Trainable:
         """Trainable parameters that start from scratch rather than from pretrained weights."""
         return []
 
+    def distill(self, products: Sequence[Product], queries: Sequence[Query], temperature: float) -> torch.Tensor:
+        """The distillation term (cfg.distill_weight), for the models that have one."""
+        raise UserError(f"distill_weight: distillation toward MiniLM trains MOON's text side; {type(self).__name__} "
+                        "has none to distil (clip-mini's text side is MiniLM already)")
+
     def warm(self, products: Sequence[Product], queries: Sequence[Query]) -> None:
         """Work that is data preparation rather than the model's forward (timed as data)."""
 
@@ -171,6 +176,35 @@ class MoonTrainable(Trainable):
         pooled, aux, _ = self.module(self.encoder.query_batch(queries))
         return self._serve(pooled, queries, _query_key, lambda qs: self.encoder.frame(
             [q.text for q in qs], _query_images(qs), [q.text for q in qs], False)), aux
+
+    def distill(self, products, queries, temperature):
+        """KL of the batch's text similarities, MOON's toward MiniLM's: every distinct text of the step (the
+        products' texts as the text block reads them, encoded as text-only products so category and
+        attribute tokens meet their experts; the queries' texts) once. A lever of issue 9: MOON's text side
+        learned words from a few thousand synthetic pairs, MiniLM from a billion sentence pairs."""
+        from moonsearch.models.towers import MiniLMTextTower
+        from moonsearch.training.losses import similarity_kl
+
+        texts = {}
+        for p in products:
+            texts.setdefault(product_text(p), ("p", Product(p.title, list(p.category), dict(p.attributes), [])))
+        for q in queries:
+            if q.text and q.text.strip():
+                texts.setdefault(q.text, ("q", Query(q.text, None)))
+        keys = list(texts)
+        prods = [x for kind, x in texts.values() if kind == "p"]
+        qs = [x for kind, x in texts.values() if kind == "q"]
+        parts = []
+        if prods:
+            parts.append(self.module(self.encoder.product_batch(prods))[0])
+        if qs:
+            parts.append(self.module(self.encoder.query_batch(qs))[0])
+        student = F.normalize(torch.cat(parts).float(), dim=-1)
+        if getattr(self, "_teacher", None) is None:
+            self._teacher = self.encoder.text_tower or MiniLMTextTower(self.encoder.device)
+            self._teacher_cache: dict[str, torch.Tensor] = {}
+        t = fill_missing(self._teacher_cache, keys, keys, lambda todo: list(self._teacher.embed(todo)))
+        return similarity_kl(student, torch.stack(t), temperature)
 
     def save(self, folder, meta, state=None):
         from moonsearch.models.moon.encoder import save_pretrained

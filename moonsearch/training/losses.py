@@ -8,6 +8,9 @@ gathered from other ranks, queued from past steps):
 A candidate j != pos_i is masked (a false negative) when it is the same item as the positive or,
 with ``mask_groups``, shares its group id (a variant of the same SPU). With ``symmetric`` the
 product -> query direction over the batch's own queries is added and the two are averaged.
+
+``similarity_kl`` is the distillation term (UniME-style): each row's softmax over its similarities to
+the batch's other rows, the student's pulled toward a frozen teacher's by KL.
 """
 from __future__ import annotations
 
@@ -39,3 +42,17 @@ def info_nce(q: torch.Tensor, p: torch.Tensor, pos_index: torch.Tensor, mask: to
         sub = sub.masked_fill(same & ~torch.eye(len(pos_index), dtype=torch.bool, device=sub.device), float("-inf"))
         loss = (loss + F.cross_entropy(sub, torch.arange(len(pos_index), device=sub.device))) / 2
     return loss
+
+
+def similarity_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """Mean over rows of KL(teacher || student) between the rows' similarity distributions over the
+    other rows of the batch (itself excluded). ``student`` (n, d) and ``teacher`` (n, d') L2-normalised
+    (the two spaces may differ: only their batch similarities are compared); zero when they agree."""
+    n = len(student)
+    if n < 3:
+        return student.sum() * 0.0
+    off = ~torch.eye(n, dtype=torch.bool, device=student.device)
+    s = (student @ student.T / temperature)[off].view(n, n - 1)
+    t = (teacher.to(student.device, student.dtype) @ teacher.to(student.device, student.dtype).T / temperature)
+    t = t[off].view(n, n - 1)
+    return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")

@@ -140,6 +140,50 @@ def cmd_judge(a) -> None:
     print(table)
 
 
+def cmd_textgap(a) -> None:
+    """How far each model's TRAINED text side (text-only pooled vector, without the fixed MiniLM block
+    beside it) is from MiniLM's similarities, on texts no run trained on: the real-artwork fit split's
+    product names and the demo world's test-split query texts, in batches of 48 as a training step sees
+    them. What the distillation term pulls on, measured where it was not applied."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+    import torch.nn.functional as F
+
+    from moonsearch.data import real
+    from moonsearch.models.base import Query, create_encoder
+    from moonsearch.models.towers import MiniLMTextTower
+    from moonsearch.training.losses import similarity_kl
+    from moonsearch.utils.io import atomic_write_json
+
+    names = sorted({real.words(c) for v in real.splits()["fit"].products for c in real.concepts(v)})
+    beh = pq.read_table(Path(a.demo) / "behavior.parquet").to_pylist()
+    queries = sorted({b["query_text"] for b in beh if b["split"] == "test" and b["query_text"]})
+    rng = np.random.default_rng(0)
+    sets = {"real fit-split names": [names[i] for i in sorted(rng.choice(len(names), min(480, len(names)), replace=False))],
+            "demo test-split query texts": queries[:480]}
+    teacher = MiniLMTextTower()
+    out: dict = {"texts": {k: len(v) for k, v in sets.items()}, "batch": 48, "models": {}}
+    for run in a.run:
+        name = "moon-mini (shipped)" if str(run) == "moon-mini" else run.parent.name
+        enc = create_encoder("moon-mini" if str(run) == "moon-mini" else f"moon:{run}")
+        row = {}
+        for label, texts in sets.items():
+            with torch.no_grad():
+                pooled = enc._run([enc.query_batch([Query(t, None) for t in texts[s:s + 48]])
+                                   for s in range(0, len(texts), 48)])
+            student = F.normalize(torch.as_tensor(np.asarray(pooled))[:, :enc.model.dim // (2 if enc.cfg.pool == "blocks" else 1)], dim=-1)
+            t = teacher.embed(texts)
+            kl = [similarity_kl(student[s:s + 48], t[s:s + 48], 0.05).item() for s in range(0, len(texts), 48)]
+            off = ~torch.eye(len(texts), dtype=torch.bool)
+            corr = torch.corrcoef(torch.stack([(student @ student.T)[off], (t @ t.T)[off]]))[0, 1].item()
+            row[label] = {"KL (mean over batches)": float(np.mean(kl)), "similarity correlation": corr}
+        out["models"][name] = row
+        print(name, json.dumps(row), flush=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, a.out / f"{a.name}.json")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -155,8 +199,14 @@ def main() -> None:
     j.add_argument("--eval", action="store_true", help="also read the held-out eval split (an adopted run only)")
     j.add_argument("--out", type=Path, default=Path("bench-out"))
     j.add_argument("--name", default="real-training")
+    g = sub.add_parser("textgap", help="each run's trained text side vs MiniLM, on texts no run trained on")
+    g.add_argument("--run", type=Path, action="append", required=True,
+                   help="runs/<run>/final, or moon-mini for the shipped weights (repeatable)")
+    g.add_argument("--demo", type=Path, default=Path("demo"))
+    g.add_argument("--out", type=Path, default=Path("bench-out"))
+    g.add_argument("--name", default="text-gap")
     a = ap.parse_args()
-    {"world": cmd_world, "judge": cmd_judge}[a.cmd](a)
+    {"world": cmd_world, "judge": cmd_judge, "textgap": cmd_textgap}[a.cmd](a)
 
 
 if __name__ == "__main__":

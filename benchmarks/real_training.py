@@ -172,7 +172,8 @@ def cmd_textgap(a) -> None:
             with torch.no_grad():
                 pooled = enc._run([enc.query_batch([Query(t, None) for t in texts[s:s + 48]])
                                    for s in range(0, len(texts), 48)])
-            student = F.normalize(torch.as_tensor(np.asarray(pooled))[:, :enc.model.dim // (2 if enc.cfg.pool == "blocks" else 1)], dim=-1)
+            text_dims = enc.model.dim // (2 if enc.cfg.pool == "blocks" else 1)  # blocks: [text, image]
+            student = F.normalize(torch.from_numpy(pooled[:, :text_dims]), dim=-1)
             t = teacher.embed(texts)
             kl = [similarity_kl(student[s:s + 48], t[s:s + 48], 0.05).item() for s in range(0, len(texts), 48)]
             off = ~torch.eye(len(texts), dtype=torch.bool)

@@ -52,7 +52,7 @@ def similarity_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     if n < 3:
         return student.sum() * 0.0
     off = ~torch.eye(n, dtype=torch.bool, device=student.device)
+    teacher = teacher.to(student.device, student.dtype)
     s = (student @ student.T / temperature)[off].view(n, n - 1)
-    t = (teacher.to(student.device, student.dtype) @ teacher.to(student.device, student.dtype).T / temperature)
-    t = t[off].view(n, n - 1)
+    t = (teacher @ teacher.T / temperature)[off].view(n, n - 1)
     return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")

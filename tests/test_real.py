@@ -167,3 +167,13 @@ def test_the_real_training_world_adds_real_artwork_beside_the_demo_world_for_tra
     product = batches.product(pair.item_id)
     assert product.title == titles[pair.item_id] and len(product.images) == 2  # clean drawing + listing photo
     assert product.images[1].size == (320, 320) and batches.query(pair).image is not None
+
+
+@pytest.mark.slow  # reads the wide pool's icon sets (fetched once with npm): make test-slow
+def test_the_wide_pool_names_for_distillation_leave_the_fit_split_names_out():
+    """moon-mini-distill-wide distils on these names; benchmarks/real_training.py textgap judges on the fit
+    split's product names, so none of those may be among them."""
+    names = real.wide_names()
+    fit = {real.words(c) for v in real.splits()["fit"].products for c in real.concepts(v)}
+    assert len(names) > 10_000 and not set(names) & fit
+    assert all("-" not in n and n == n.strip() for n in names)  # words, as a product title has them

@@ -746,5 +746,23 @@ def test_distillation_pulls_moon_text_similarities_toward_minilm_and_only_moon_t
         assert all(r["distill"] > 0 for r in rows) if w else all("distill" not in r for r in rows)
         after[w] = gap(tr)
     assert after[1.0] < 0.85 * after[0.0] < before  # contrastive steps alone close some of it (tiny model)
+    # outside texts (distill_texts): drawn into every step's batch, they are pulled toward MiniLM too
+    outside = tmp_path / "texts.txt"
+    outside.write_text("\n".join(texts) + "\n\n", encoding="utf-8")
+    tr = Trainer(load_config("moon-tiny-test", data=str(world), out=str(tmp_path / "outside"), steps=12, val_every=0,
+                             ckpt_every=100, distill_weight=1.0, lr=3e-3, distill_texts=str(outside), distill_extra=8))
+    assert tr.distill_pool == texts
+    for _ in range(12):
+        tr.train_step()
+    assert gap(tr) < 0.7 * after[1.0]
     with pytest.raises(UserError, match="distill_weight"):
         Trainer(load_config("clip-finetune", data=str(world), out=str(tmp_path), distill_weight=1.0))
+    with pytest.raises(UserError, match="distill_weight is 0"):
+        Trainer(load_config("moon-tiny-test", data=str(world), out=str(tmp_path), distill_texts=str(outside)))
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(UserError, match="blank.txt holds no text"):
+        Trainer(load_config("moon-tiny-test", data=str(world), out=str(tmp_path), distill_weight=1.0,
+                            distill_texts=str(tmp_path / "blank.txt")))
+    with pytest.raises(UserError, match="missing.txt not found"):
+        Trainer(load_config("moon-tiny-test", data=str(world), out=str(tmp_path), distill_weight=1.0,
+                            distill_texts=str(tmp_path / "missing.txt")))

@@ -290,6 +290,16 @@ def product_concepts(source: str) -> dict[str, str]:
     return cs
 
 
+def wide_names() -> list[str]:
+    """Every concept name the wide pool's glyph vendors draw, as words ("shopping cart"), less the fit
+    split's product names (those stay unseen by a text side trained on these). Plentiful outside text
+    for distillation; the same sources as ``build_wide`` (``check_wide_pool``: no eval vendor or
+    relative, no emoji artwork)."""
+    check_wide_pool()
+    fit = {words(c) for v in splits()["fit"].products for c in concepts(v)}
+    return sorted({words(c) for g in WIDE_GLYPHS for c in concepts(g)} - fit)
+
+
 def build_wide(seed: int = 1, size: int = 224, limit: int | None = None) -> RealSet:
     """The wide fitting pool as a set: products are the colour drawings of streamline-ultimate-color (the
     fit split's, name prefix dropped) and IconPark's multi-colour icons, each with a listing photo over the

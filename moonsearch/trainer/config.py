@@ -48,6 +48,10 @@ class TrainConfig:
         "help": "MOON: weight of a distillation term pulling the trained text side's batch similarities (query "
                 "texts and product texts, encoded without pictures) toward MiniLM's (KL, UniME-style; 0: off)"})
     distill_temperature: float = field(default=0.05, metadata={"help": "temperature of the distillation softmaxes"})
+    distill_texts: str = field(default="", metadata={
+        "help": "outside texts for the distillation term: a UTF-8 file (one text per line) or 'wide-pool-names' "
+                "(the real-artwork wide pool's names, the fit split's product names left out)"})
+    distill_extra: int = field(default=32, metadata={"help": "outside texts drawn into each step's distillation batch"})
     aux_weight: float = field(default=0.01, metadata={"help": "weight of the MoE load-balancing loss"})
     modality_mix: tuple[int, int, int] = field(default=(12, 3, 2), metadata={"help": "text : image : text+image"})
     val_fraction: float = field(default=0.1, metadata={"help": "latest share of training pairs held out"})

@@ -27,6 +27,26 @@ class Pair:
     ts: int
 
 
+def distill_texts(spec: str) -> list[str]:
+    """The outside texts of ``TrainConfig.distill_texts``: 'wide-pool-names' or a file, one per line
+    (blank lines skipped; repeats kept once)."""
+    if spec == "wide-pool-names":
+        from moonsearch.data.real import wide_names
+
+        return wide_names()
+    path = Path(spec)
+    if not path.is_file():
+        raise MissingFile(f"distill_texts: {path} not found (a UTF-8 file, one text per line, or 'wide-pool-names')")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"distill_texts: {path} is not UTF-8 text (byte {e.start})") from None
+    texts = list(dict.fromkeys(t.strip() for t in lines if t.strip()))
+    if not texts:
+        raise UserError(f"distill_texts: {path} holds no text")
+    return texts
+
+
 def load_pairs(data: Path, cfg: TrainConfig) -> tuple[list[Pair], list[Pair]]:
     """Training pairs (resampled to the modality mix) and validation pairs (the latest by time)."""
     for f in ("catalog.parquet", "behavior.parquet"):

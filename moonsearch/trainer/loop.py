@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import yaml
 
 from moonsearch.trainer.config import TrainConfig
-from moonsearch.trainer.data import Batches, Pair, load_pairs
+from moonsearch.trainer.data import Batches, Pair, distill_texts, load_pairs
 from moonsearch.trainer.objective import contrastive_loss
 from moonsearch.training.distributed import all_reduce_gradients, is_distributed, rank_and_world
 from moonsearch.training.queue import NegativeQueue
@@ -67,6 +67,9 @@ class Trainer:
             fully_shard(self.model)
         if cfg.distill_weight and type(self.tm).distill is Trainable.distill:
             self.tm.distill([], [], cfg.distill_temperature)  # raises: says why this model has no such term
+        if cfg.distill_texts and not cfg.distill_weight:
+            raise UserError("distill_texts is set but distill_weight is 0: the texts would not be used")
+        self.distill_pool = distill_texts(cfg.distill_texts) if cfg.distill_texts else []
         self.params = self.tm.parameters()
         self.log_t = torch.nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)),
                                         requires_grad=cfg.learnable_temperature)
@@ -235,8 +238,11 @@ class Trainer:
             loss = scored.loss
             total = loss + cfg.aux_weight * (aux + aux_q)
             if cfg.distill_weight:
+                pool = self.distill_pool  # drawn after the batch's own draws: same batches with or without
+                extra = [pool[i] for i in rng.choice(len(pool), min(cfg.distill_extra, len(pool)), replace=False)] \
+                    if pool else []
                 with ctx:
-                    distill = self.tm.distill(products, queries, cfg.distill_temperature)
+                    distill = self.tm.distill(products, queries, cfg.distill_temperature, extra)
                 total = total + cfg.distill_weight * distill
                 totals["distill"] += float(distill.detach()) / cfg.grad_accum
             tb = time.perf_counter()

@@ -70,7 +70,8 @@ class Trainable:
         """Trainable parameters that start from scratch rather than from pretrained weights."""
         return []
 
-    def distill(self, products: Sequence[Product], queries: Sequence[Query], temperature: float) -> torch.Tensor:
+    def distill(self, products: Sequence[Product], queries: Sequence[Query], temperature: float,
+                extra: Sequence[str] = ()) -> torch.Tensor:
         """The distillation term (cfg.distill_weight), for the models that have one."""
         raise UserError(f"distill_weight: distillation toward MiniLM trains MOON's text side; {type(self).__name__} "
                         "has none to distil (clip-mini's text side is MiniLM already)")
@@ -177,20 +178,21 @@ class MoonTrainable(Trainable):
         return self._serve(pooled, queries, _query_key, lambda qs: self.encoder.frame(
             [q.text for q in qs], _query_images(qs), [q.text for q in qs], False)), aux
 
-    def distill(self, products, queries, temperature):
+    def distill(self, products, queries, temperature, extra=()):
         """KL of the batch's text similarities, MOON's toward MiniLM's: every distinct text of the step (the
         products' texts as the text block reads them, encoded as text-only products so category and
-        attribute tokens meet their experts; the queries' texts) once. A lever of issue 9: MOON's text side
-        learned words from a few thousand synthetic pairs, MiniLM from a billion sentence pairs."""
+        attribute tokens meet their experts; the queries' texts; ``extra`` outside texts, as queries) once.
+        A lever of issue 9: MOON's text side learned words from a few thousand synthetic pairs, MiniLM
+        from a billion sentence pairs."""
         from moonsearch.models.towers import MiniLMTextTower
         from moonsearch.training.losses import similarity_kl
 
         texts = {}
         for p in products:
             texts.setdefault(product_text(p), ("p", Product(p.title, list(p.category), dict(p.attributes), [])))
-        for q in queries:
-            if q.text and q.text.strip():
-                texts.setdefault(q.text, ("q", Query(q.text, None)))
+        for t in [q.text for q in queries] + list(extra):
+            if t and t.strip():
+                texts.setdefault(t, ("q", Query(t, None)))
         keys = list(texts)
         prods = [x for kind, x in texts.values() if kind == "p"]
         qs = [x for kind, x in texts.values() if kind == "q"]

@@ -156,7 +156,7 @@ def cmd_textgap(a) -> None:
     from moonsearch.training.losses import similarity_kl
     from moonsearch.utils.io import atomic_write_json
 
-    names = sorted({real.words(c) for v in real.splits()["fit"].products for c in real.concepts(v)})
+    names = real.fit_product_names()
     beh = pq.read_table(Path(a.demo) / "behavior.parquet").to_pylist()
     queries = sorted({b["query_text"] for b in beh if b["split"] == "test" and b["query_text"]})
     rng = np.random.default_rng(0)

@@ -290,14 +290,18 @@ def product_concepts(source: str) -> dict[str, str]:
     return cs
 
 
+def fit_product_names() -> list[str]:
+    """The fit split's product names, as words: what ``wide_names`` leaves out."""
+    return sorted({words(c) for v in splits()["fit"].products for c in concepts(v)})
+
+
 def wide_names() -> list[str]:
     """Every concept name the wide pool's glyph vendors draw, as words ("shopping cart"), less the fit
     split's product names (those stay unseen by a text side trained on these). Plentiful outside text
     for distillation; the same sources as ``build_wide`` (``check_wide_pool``: no eval vendor or
     relative, no emoji artwork)."""
     check_wide_pool()
-    fit = {words(c) for v in splits()["fit"].products for c in concepts(v)}
-    return sorted({words(c) for g in WIDE_GLYPHS for c in concepts(g)} - fit)
+    return sorted({words(c) for g in WIDE_GLYPHS for c in concepts(g)} - set(fit_product_names()))
 
 
 def build_wide(seed: int = 1, size: int = 224, limit: int | None = None) -> RealSet:

@@ -46,7 +46,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, log=print):
-        from moonsearch.trainer.models import Trainable, trainable
+        from moonsearch.trainer.models import trainable
 
         self.cfg, self.log = cfg, log
         self.rank, self.world = rank_and_world()
@@ -65,8 +65,9 @@ class Trainer:
             for layer in getattr(getattr(self.model, "adapter", None), "decoder_layers", lambda: [])():
                 fully_shard(layer)
             fully_shard(self.model)
-        if cfg.distill_weight and type(self.tm).distill is Trainable.distill:
-            self.tm.distill([], [], cfg.distill_temperature)  # raises: says why this model has no such term
+        if cfg.distill_weight and not self.tm.distills:
+            raise UserError(f"distill_weight: distillation toward MiniLM trains MOON's text side; {cfg.model} has "
+                            "none to distil (clip-mini's text side is MiniLM already)")
         if cfg.distill_texts and not cfg.distill_weight:
             raise UserError("distill_texts is set but distill_weight is 0: the texts would not be used")
         self.distill_pool = distill_texts(cfg.distill_texts) if cfg.distill_texts else []
@@ -366,7 +367,7 @@ def publish_moon_mini(final: Path, keep_serving: bool = True) -> Path:
     visual and text blocks), not with the settings the run trained with. Those were chosen on real
     artwork, and a run trains with split pooling: published as trained, a product's photos could again
     make it harder to find by its own name."""
-    from moonsearch.models.moon import MINI_CHECKPOINT, served_as, serving_settings
+    from moonsearch.models.moon import MINI_CHECKPOINT, SERVED_FIELDS, served_as
 
     conf = json.loads((Path(final) / "config.json").read_text())
     if conf.get("weights") != "trained" or conf["moon"].get("source") != "smollm2-135m":
@@ -376,7 +377,7 @@ def publish_moon_mini(final: Path, keep_serving: bool = True) -> Path:
     if keep_serving and (MINI_CHECKPOINT / "config.json").exists():
         conf["moon"] = served_as(conf["moon"], MINI_CHECKPOINT)
         conf.setdefault("meta", {})["serving"] = ("kept from the previous moon-mini: "
-                                                  f"{', '.join(sorted(serving_settings(MINI_CHECKPOINT)))}")
+                                                  f"{', '.join(sorted(k for k in SERVED_FIELDS if k in conf['moon']))}")
     tmp = MINI_CHECKPOINT.with_name(MINI_CHECKPOINT.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

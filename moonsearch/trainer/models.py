@@ -70,11 +70,12 @@ class Trainable:
         """Trainable parameters that start from scratch rather than from pretrained weights."""
         return []
 
+    distills = False  # has a distillation term (cfg.distill_weight)
+
     def distill(self, products: Sequence[Product], queries: Sequence[Query], temperature: float,
                 extra: Sequence[str] = ()) -> torch.Tensor:
-        """The distillation term (cfg.distill_weight), for the models that have one."""
-        raise UserError(f"distill_weight: distillation toward MiniLM trains MOON's text side; {type(self).__name__} "
-                        "has none to distil (clip-mini's text side is MiniLM already)")
+        """The distillation term (cfg.distill_weight), for the models that have one (``distills``)."""
+        raise NotImplementedError
 
     def warm(self, products: Sequence[Product], queries: Sequence[Query]) -> None:
         """Work that is data preparation rather than the model's forward (timed as data)."""
@@ -177,6 +178,8 @@ class MoonTrainable(Trainable):
         pooled, aux, _ = self.module(self.encoder.query_batch(queries))
         return self._serve(pooled, queries, _query_key, lambda qs: self.encoder.frame(
             [q.text for q in qs], _query_images(qs), [q.text for q in qs], False)), aux
+
+    distills = True
 
     def distill(self, products, queries, temperature, extra=()):
         """KL of the batch's text similarities, MOON's toward MiniLM's: every distinct text of the step (the

@@ -766,3 +766,49 @@ def test_distillation_pulls_moon_text_similarities_toward_minilm_and_only_moon_t
     with pytest.raises(UserError, match="missing.txt not found"):
         Trainer(load_config("moon-tiny-test", data=str(world), out=str(tmp_path), distill_weight=1.0,
                             distill_texts=str(tmp_path / "missing.txt")))
+
+
+def test_image_distillation_pulls_moon_picture_similarities_toward_the_visual_tower(world, tmp_path):
+    """distill_image_weight: the term compares MOON's own image side (each picture alone, the visual block
+    left out) with the visual block tower's vectors of the same pictures, its gradient closes that gap,
+    the training steps log it; the CLIP baselines and a MOON without a visual block refuse it by name."""
+    from moonsearch.data.images import content_key
+    from moonsearch.errors import UserError
+    from moonsearch.models.base import Query
+    from moonsearch.models.cropping import crop
+    from moonsearch.trainer.config import load_config
+    from moonsearch.trainer.loop import Trainer
+    from moonsearch.training.losses import similarity_kl
+
+    visual = {"visual_product": 0.7071}
+    tr = Trainer(load_config("moon-tiny-test", data=str(world), out=str(tmp_path / "w"), steps=4, val_every=0,
+                             ckpt_every=100, distill_image_weight=1.0, model_options=visual))
+    pairs = tr.batch_at(0)
+    products = [tr.batches.product(p.item_id) for p in pairs]
+    queries = [tr.batches.query(p) for p in pairs]
+    enc, pics = tr.enc, [p.images[0] for p in products] + [q.image for q in queries if q.image is not None]
+    pics = list({content_key(im): im for im in pics}.values())  # each distinct picture once, as the term has them
+    crops = [crop(im, b) for im, b in zip(pics, enc._boxes(pics, [""] * len(pics)))]
+    teacher = torch.from_numpy(enc.visual.pictures(enc.image_tower, pics, crops))
+    tr.model.train()
+    own = F.normalize(tr.model(enc.query_batch([Query(None, im) for im in pics]))[0].float(), dim=-1)
+    term = tr.tm.distill_images(products, queries, 0.05)
+    assert torch.allclose(term, similarity_kl(own, teacher, 0.05), atol=1e-4)
+    opt = torch.optim.Adam([p for p in tr.model.parameters() if p.requires_grad], lr=3e-3)
+    first = term.item()
+    for _ in range(15):  # the term's own gradient moves MOON's picture geometry toward the tower's
+        loss = tr.tm.distill_images(products, queries, 0.05)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert tr.tm.distill_images(products, queries, 0.05).item() < 0.6 * first
+    for w in (0.0, 1.0):  # training steps log it only when it is on
+        t = Trainer(load_config("moon-tiny-test", data=str(world), out=str(tmp_path / str(w)), steps=2, val_every=0,
+                                ckpt_every=100, distill_image_weight=w, model_options=visual))
+        rows = [t.train_step() for _ in range(2)]
+        assert all(math.isfinite(r["loss"]) for r in rows)
+        assert all(r["distill_image"] > 0 for r in rows) if w else all("distill_image" not in r for r in rows)
+    with pytest.raises(UserError, match="distill_image_weight"):
+        Trainer(load_config("clip-finetune", data=str(world), out=str(tmp_path), distill_image_weight=1.0))
+    with pytest.raises(UserError, match="no visual block"):
+        Trainer(load_config("moon-tiny-test", data=str(world), out=str(tmp_path), distill_image_weight=1.0))

@@ -68,6 +68,12 @@ class Trainer:
         if cfg.distill_weight and not self.tm.distills:
             raise UserError(f"distill_weight: distillation toward MiniLM trains MOON's text side; {cfg.model} has "
                             "none to distil (clip-mini's text side is MiniLM already)")
+        if cfg.distill_image_weight and not self.tm.distills:
+            raise UserError(f"distill_image_weight: distillation toward the visual block's tower trains MOON's image "
+                            f"side; {cfg.model} has none to distil (clip-mini's image side is that tower already)")
+        if cfg.distill_image_weight and self.enc.visual is None:
+            raise UserError(f"distill_image_weight: the teacher is the visual block's tower, and {cfg.model} has no "
+                            "visual block (visual_product is 0)")
         if cfg.distill_texts and not cfg.distill_weight:
             raise UserError("distill_texts is set but distill_weight is 0: the texts would not be used")
         self.distill_pool = distill_texts(cfg.distill_texts) if cfg.distill_texts else []
@@ -208,7 +214,8 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.step, cfg) * g["lr_scale"]
         totals = {"loss": 0.0, "aux": 0.0, "candidates": 0, "data_s": 0.0, "forward_s": 0.0, "backward_s": 0.0,
-                  **({"distill": 0.0} if cfg.distill_weight else {})}
+                  **({"distill": 0.0} if cfg.distill_weight else {}),
+                  **({"distill_image": 0.0} if cfg.distill_image_weight else {})}
         for micro in range(cfg.grad_accum):
             td = time.perf_counter()
             pairs = self.batch_at(self.step * cfg.grad_accum + micro)
@@ -246,6 +253,11 @@ class Trainer:
                     distill = self.tm.distill(products, queries, cfg.distill_temperature, extra)
                 total = total + cfg.distill_weight * distill
                 totals["distill"] += float(distill.detach()) / cfg.grad_accum
+            if cfg.distill_image_weight:
+                with ctx:
+                    distill = self.tm.distill_images(products, queries, cfg.distill_temperature)
+                total = total + cfg.distill_image_weight * distill
+                totals["distill_image"] += float(distill.detach()) / cfg.grad_accum
             tb = time.perf_counter()
             (total / cfg.grad_accum).backward()
             totals["backward_s"] += time.perf_counter() - tb

@@ -77,6 +77,10 @@ class Trainable:
         """The distillation term (cfg.distill_weight), for the models that have one (``distills``)."""
         raise NotImplementedError
 
+    def distill_images(self, products: Sequence[Product], queries: Sequence[Query], temperature: float) -> torch.Tensor:
+        """The image distillation term (cfg.distill_image_weight), for the models that have one (``distills``)."""
+        raise NotImplementedError
+
     def warm(self, products: Sequence[Product], queries: Sequence[Query]) -> None:
         """Work that is data preparation rather than the model's forward (timed as data)."""
 
@@ -209,6 +213,35 @@ class MoonTrainable(Trainable):
             self._teacher = self.encoder.text_tower or MiniLMTextTower(self.encoder.device)
             self._teacher_cache: dict[str, torch.Tensor] = {}
         t = fill_missing(self._teacher_cache, keys, keys, lambda todo: list(self._teacher.embed(todo)))
+        return similarity_kl(student, torch.stack(t), temperature)
+
+    def distill_images(self, products, queries, temperature):
+        """KL of the batch's picture similarities, MOON's toward the visual block's tower (EfficientNet-Lite0,
+        the tuned one where the block names it): the step's distinct pictures once (the products' main
+        pictures and the query photos), each encoded alone as a photo query, its core-product crop beside
+        it as search encodes photos. The image half of issue 9's distillation lever: MOON's image side learned
+        from a few thousand synthetic pairs, the tower from ImageNet and real artwork. A product gives its
+        main (first) picture only: with every picture (about 70 a step) the first 2-core steps took over
+        20 s each."""
+        from moonsearch.data.images import content_key
+        from moonsearch.models.cropping import crop
+        from moonsearch.training.losses import similarity_kl
+
+        pics = {}
+        for im in [p.images[0] for p in products if p.images] + [q.image for q in queries if q.image is not None]:
+            pics.setdefault(content_key(im), im)
+        keys, ims = list(pics), list(pics.values())
+        if len(ims) < 2:  # no batch geometry to match
+            return torch.zeros((), device=self.encoder.device)
+        student = F.normalize(self.module(self.encoder.query_batch([Query(None, im) for im in ims]))[0].float(), dim=-1)
+        cache = self.__dict__.setdefault("_picture_teacher", {})
+
+        def teach(todo):
+            crops = [crop(im, b) for im, b in zip(todo, self.encoder._boxes(todo, [""] * len(todo)))] \
+                if self.encoder.cropper is not None else None
+            return list(torch.from_numpy(self.encoder.visual.pictures(self.encoder.image_tower, todo, crops)))
+
+        t = fill_missing(cache, keys, ims, teach)
         return similarity_kl(student, torch.stack(t), temperature)
 
     def save(self, folder, meta, state=None):

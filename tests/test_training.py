@@ -407,6 +407,47 @@ def test_served_loss_trains_on_the_vectors_search_serves(world, tmp_path, preset
     assert not np.allclose(after, p_served, atol=1e-4)
 
 
+def test_the_deep_preset_keeps_more_smollm2_layers_and_its_checkpoint_rebuilds_them(tmp_path):
+    """moon-mini-deep (issue 9's deeper-cut lever) changes the cut and the budget of the 400-step control
+    only; every kept layer gets guided experts, and a trained-only checkpoint of it loads back at that
+    depth with the same vectors (a 6-layer rebuild would drop three layers' experts by name)."""
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from moonsearch.errors import UserError
+    from moonsearch.models.base import Product
+    from moonsearch.models.moon import builtin_config
+    from moonsearch.models.moon.encoder import MoonEncoder, build_model, load_pretrained, save_pretrained
+    from moonsearch.trainer.config import load_config
+    from moonsearch.trainer.models import _with_options
+
+    cfg, base = load_config("moon-mini-deep"), load_config("moon-mini-cpu")
+    changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(base, f.name)}
+    assert changed == {"run_name", "steps", "model_options"} and cfg.steps == 400
+    mc = replace(_with_options(builtin_config("moon-mini-base"), cfg.model_options), lora_rank=4)
+    assert mc.num_layers == 9 and builtin_config("moon-mini-base").num_layers == 6
+    model = build_model(mc)
+    assert len(model.adapter.decoder_layers()) == 9 == len(model.moe_layers)
+    assert model.adapter.lm.config.num_hidden_layers == 9
+    with torch.no_grad():  # as if trained: the last kept layer's experts move away from their init
+        for p in model.moe_layers[8].parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    folder = save_pretrained(model, tmp_path / "deep", trained_only=True)
+    enc = load_pretrained(folder)
+    assert len(enc.model.moe_layers) == 9
+    product = [Product("red canvas sneaker", ["apparel", "shoes"], {"colour": "red"}, [])]
+    same = MoonEncoder(model, "deep", "x").encode_products(product)
+    assert np.allclose(enc.encode_products(product), same, atol=1e-5)
+    conf = json.loads((folder / "config.json").read_text())
+    conf["moon"]["num_layers"] = 6  # the same tensors told to rebuild the shallower cut
+    (folder / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(UserError, match="layers.(6|7|8)"):
+        load_pretrained(folder)
+
+
 def test_served_loss_presets_change_only_what_the_loss_scores():
     import dataclasses
 

@@ -9,9 +9,10 @@ from moonsearch.errors import MissingFile
 ASSETS = Path(__file__).parent / "assets"
 MINI_CHECKPOINT = ASSETS / "moon-mini"  # trained weights only (experts, gates, projector, LoRA): a few MB
 
-# moon-mini: EfficientNet-Lite0 + SmolLM2-135M cut to 6 of 30 layers, 4 visual tokens per image, crops,
+# moon-mini-base: EfficientNet-Lite0 + SmolLM2-135M cut to 6 of 30 layers, 4 visual tokens per image, crops,
 # guided MoE (category, attribute, 2 general experts, top-1; rank-32 experts on the shared pretrained FFN)
-# in every kept layer. See benchmarks/encode.py.
+# in every kept layer. See benchmarks/encode.py. The shipped moon-mini keeps 9 layers (its checkpoint's
+# config says so; preset moon-mini-deep), the deepest cut that indexes the demo in under 5 minutes here.
 # Pooling and the visual block as measured on the real-artwork fit split (benchmarks/README.md): text and
 # image positions pooled apart, the text first, whitened EfficientNet features beside the pooled vector.
 MINI = dict(backbone="composed", source="smollm2-135m", num_layers=6, grid=2, image_size=160, pool="split",
@@ -64,14 +65,14 @@ def _tiny_folder() -> Path:
     return build_folder_once(cache_dir() / "tiny-qwen2-vl", "preprocessor_config.json", save_tiny_qwen_vl)
 
 
-@register(r"moon-mini", "offline MOON, trained: EfficientNet-Lite0 + SmolLM2-135M (6 layers), guided MoE, crops "
-          "(weights from 'moonsearch train --preset moon-mini-cpu', committed)")
+@register(r"moon-mini", "offline MOON, trained: EfficientNet-Lite0 + SmolLM2-135M (9 layers), guided MoE, crops "
+          "(weights from 'moonsearch train --preset moon-mini-deep', committed)")
 def _moon_mini(device=None):
     from moonsearch.models.moon.encoder import load_pretrained
 
     if not (MINI_CHECKPOINT / "config.json").exists():
         raise MissingFile(f"moon-mini's trained weights are missing ({MINI_CHECKPOINT}); rebuild them with "
-                                "'moonsearch train --preset moon-mini-cpu --publish'")
+                                "'moonsearch train --preset moon-mini-deep --publish'")
     return load_pretrained(MINI_CHECKPOINT, device, name="moon-mini")
 
 

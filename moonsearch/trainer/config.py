@@ -49,9 +49,9 @@ class TrainConfig:
                 "texts and product texts, encoded without pictures) toward MiniLM's (KL, UniME-style; 0: off)"})
     distill_temperature: float = field(default=0.05, metadata={"help": "temperature of the distillation softmaxes"})
     distill_image_weight: float = field(default=0.0, metadata={
-        "help": "MOON: weight of a distillation term pulling the trained image side's batch similarities (the step's "
-                "products' main pictures and query photos, each encoded alone as a photo query) toward the visual block's EfficientNet "
-                "tower (KL at distill_temperature; 0: off)"})
+        "help": "MOON: weight of a distillation term pulling the trained image side's batch similarities (the "
+                "step's products' main pictures and query photos, each encoded alone as a photo query) toward the "
+                "visual block's EfficientNet tower (KL at distill_temperature; 0: off)"})
     distill_texts: str = field(default="", metadata={
         "help": "outside texts for the distillation term: a UTF-8 file (one text per line) or 'wide-pool-names' "
                 "(the real-artwork wide pool's names, the fit split's product names left out)"})
